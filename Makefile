@@ -1,0 +1,82 @@
+# recsys: every command a user needs. `make help` lists them.
+# The first target that needs Python creates .venv and installs the project into it (once).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+CONFIG ?= configs/default.yaml
+ITEMS ?=
+K ?= 20
+PORT ?= 5055
+UI_PORT ?= 5000
+STAMP := $(VENV)/.installed
+
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlops/mlflow.db
+export MLFLOW_DISABLE_TELEMETRY := true
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+export MLFLOW_LOGGING_LEVEL ?= WARNING
+export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
+export GIT_PYTHON_REFRESH := quiet
+export PYTHONWARNINGS ?= ignore:starlette.middleware.wsgi is deprecated
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help setup pipeline prepare train evaluate register recommend serve ui test lint format bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (first time: about 2 minutes)"
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq torch==2.13.0
+	$(PY) -m pip install -qq -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install the project (done automatically by other targets)
+
+pipeline: $(STAMP) ## prepare -> train -> evaluate -> register on CONFIG (default: the embedded synthetic log)
+	$(VENV)/bin/recsys pipeline --config $(CONFIG)
+
+prepare: $(STAMP) ## Prepare the dataset of CONFIG
+	$(VENV)/bin/recsys prepare --config $(CONFIG)
+
+train: $(STAMP) ## Train GRU4Rec on CONFIG's prepared data
+	$(VENV)/bin/recsys train --config $(CONFIG)
+
+evaluate: $(STAMP) ## Evaluate GRU4Rec and the baselines on CONFIG's test split
+	$(VENV)/bin/recsys evaluate --config $(CONFIG)
+
+register: $(STAMP) ## Register the trained model in MLflow (champion/challenger)
+	$(VENV)/bin/recsys register --config $(CONFIG)
+
+recommend: $(STAMP) ## Top-K for one session: make recommend ITEMS="id1,id2" [CONFIG=...]
+	@test -n "$(ITEMS)" || { echo 'usage: make recommend ITEMS="id1,id2,..." [CONFIG=...] [K=20]'; exit 2; }
+	$(VENV)/bin/recsys recommend --model "models:/gru4rec-$$($(PY) -c 'import sys,yaml; print(yaml.safe_load(open(sys.argv[1]))["name"])' $(CONFIG))@champion" --items "$(ITEMS)" -k $(K)
+
+serve: $(STAMP) ## REST server for the champion of CONFIG on 127.0.0.1:PORT (POST /invocations)
+	mlflow models serve -m "models:/gru4rec-$$($(PY) -c 'import sys,yaml; print(yaml.safe_load(open(sys.argv[1]))["name"])' $(CONFIG))@champion" --env-manager local -h 127.0.0.1 -p $(PORT)
+
+ui: $(STAMP) ## MLflow UI on 127.0.0.1:UI_PORT against the project store
+	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+test: $(STAMP) ## Run the test suite
+	$(PY) -m pytest -q
+
+lint: $(STAMP) ## ruff check + format check
+	$(VENV)/bin/ruff check recsys pipelines tests
+	$(VENV)/bin/ruff format --check recsys pipelines tests
+
+format: $(STAMP) ## ruff format + autofix
+	$(VENV)/bin/ruff check --fix recsys pipelines tests
+	$(VENV)/bin/ruff format recsys pipelines tests
+
+bench: $(STAMP) ## Benchmarks (events/s, latency percentiles, peak memory); see docs/benchmarks.md
+	$(VENV)/bin/recsys bench
+
+clean: ## Remove generated data, models and the local MLflow store (keeps .venv)
+	rm -rf data mlops

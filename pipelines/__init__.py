@@ -1,0 +1,1 @@
+"""Batch steps (prepare, train, evaluate, register) and the ``recsys`` command line."""

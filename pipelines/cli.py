@@ -1,0 +1,213 @@
+"""The ``recsys`` command line: every pipeline step, scoring, and the benchmarks.
+
+Heavy imports (torch, mlflow) happen inside the commands so that ``recsys --help`` is instant.
+A ``RecsysError`` is printed as one line of explanation and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONFIG = click.option(
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("configs/default.yaml"),
+    show_default=True,
+    help="Run configuration (YAML).",
+)
+FORCE = click.option(
+    "--force", is_flag=True, help="Redo the step even if its outputs are up to date."
+)
+
+
+def friendly_errors(func: F) -> F:
+    """Show user errors as a message and exit code 1 (2 for usage errors, as click does)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from recsys.errors import RecsysError
+
+        try:
+            return func(*args, **kwargs)
+        except RecsysError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo(
+                "interrupted; outputs written so far are complete, partial ones were discarded",
+                err=True,
+            )
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(config_path: Path) -> Any:
+    from recsys.config import load_config
+
+    return load_config(config_path)
+
+
+def _tracker(config: Any) -> Any:
+    from pipelines.tracking import Tracker
+
+    return Tracker(config)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="recsys")
+def main() -> None:
+    """Session-based next-item recommendation: GRU4Rec, baselines, MLflow pipelines."""
+    from recsys.mlflow_store import quiet_environment
+
+    quiet_environment()
+
+
+@main.command()
+@CONFIG
+@FORCE
+@friendly_errors
+def prepare(config_path: Path, force: bool) -> None:
+    """Raw click log -> filtered, time-split dataset (train/test/train_tr/valid + item index)."""
+    from pipelines.prepare import run_prepare
+
+    config = _load(config_path)
+    run_prepare(config, _tracker(config), force=force)
+
+
+@main.command()
+@CONFIG
+@FORCE
+@click.option("--resume", is_flag=True, help="Continue from the last epoch checkpoint.")
+@friendly_errors
+def train(config_path: Path, force: bool, resume: bool) -> None:
+    """Train GRU4Rec on the prepared train split."""
+    from pipelines.train import run_train
+
+    config = _load(config_path)
+    run_train(config, _tracker(config), force=force, resume=resume)
+
+
+@main.command()
+@CONFIG
+@FORCE
+@friendly_errors
+def evaluate(config_path: Path, force: bool) -> None:
+    """Evaluate GRU4Rec and the baselines on the test split (next-item, full catalogue)."""
+    from pipelines.evaluate import run_evaluate
+
+    config = _load(config_path)
+    run_evaluate(config, _tracker(config), force=force)
+
+
+@main.command()
+@CONFIG
+@click.option(
+    "--promote", is_flag=True, help="Make the new version champion regardless of metrics."
+)
+@friendly_errors
+def register(config_path: Path, promote: bool) -> None:
+    """Log the model as an MLflow pyfunc, register it, and move the champion alias if it wins."""
+    from pipelines.register import run_register
+
+    config = _load(config_path)
+    run_register(config, _tracker(config), promote=promote)
+
+
+@main.command()
+@CONFIG
+@FORCE
+@click.option("--promote", is_flag=True, help="Force the champion alias onto the new version.")
+@friendly_errors
+def pipeline(config_path: Path, force: bool, promote: bool) -> None:
+    """prepare -> train -> evaluate -> register, tracked as one MLflow parent run."""
+    from pipelines.run import run_pipeline
+
+    run_pipeline(_load(config_path), force=force, promote=promote)
+
+
+@main.command()
+@click.option(
+    "--model", "-m", "model_uri", required=True, help="Model file/dir or models:/name@alias."
+)
+@click.option(
+    "--items", "-i", required=True, help='Comma-separated item ids of the session, e.g. "a,b,c".'
+)
+@click.option("-k", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--exclude-seen", is_flag=True, help="Do not recommend items already in the session.")
+@friendly_errors
+def recommend(model_uri: str, items: str, k: int, exclude_seen: bool) -> None:
+    """Top-k next items for one session, as a ranked table."""
+    from pipelines.report import format_table
+    from recsys.serving import SessionRecommender
+
+    rec = SessionRecommender.load(model_uri)
+    session = [s.strip() for s in items.split(",") if s.strip()]
+    result = rec.recommend(session, k=k, exclude_seen=exclude_seen)
+    if result.unknown:
+        click.echo(f"skipped unknown item ids: {', '.join(map(str, result.unknown))}", err=True)
+    if result.fallback:
+        click.echo("no known item in the session: showing the most popular items", err=True)
+    rows = [
+        {"rank": i + 1, "item_id": item, "score": score}
+        for i, (item, score) in enumerate(zip(result.items, result.scores, strict=True))
+    ]
+    click.echo(format_table(rows, ["rank", "item_id", "score"]))
+
+
+@main.command()
+@click.option(
+    "--model", "-m", "model_uri", required=True, help="Model file/dir or models:/name@alias."
+)
+@click.option(
+    "--input", "input_path", required=True, type=click.Path(path_type=Path, dir_okay=False)
+)
+@click.option(
+    "--output", "output_path", required=True, type=click.Path(path_type=Path, dir_okay=False)
+)
+@click.option("-k", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--exclude-seen", is_flag=True)
+@friendly_errors
+def score(
+    model_uri: str, input_path: Path, output_path: Path, k: int, batch_size: int, exclude_seen: bool
+) -> None:
+    """Score a Parquet file of sessions (session_id + items list, or session_id + item_id rows)."""
+    from recsys.batch_scoring import score_file
+    from recsys.serving import SessionRecommender
+
+    rec = SessionRecommender.load(model_uri)
+    summary = score_file(
+        rec, input_path, output_path, k=k, batch_size=batch_size, exclude_seen=exclude_seen
+    )
+    click.echo(
+        f"wrote {summary['sessions']:,} sessions to {output_path} "
+        f"({summary['unknown']:,} unknown item ids skipped, {summary['fallback']:,} popularity fallbacks)"
+    )
+
+
+@main.command()
+@click.option(
+    "--only", multiple=True, help="Run only these benchmarks (prepare, train, evaluate, serve)."
+)
+@click.option("--quick", is_flag=True, help="Smaller sizes, for a smoke run.")
+@friendly_errors
+def bench(only: tuple[str, ...], quick: bool) -> None:
+    """Benchmarks: events/s, latency percentiles and peak memory."""
+    from pipelines.bench import run_benchmarks
+
+    run_benchmarks(list(only), quick=quick)
+
+
+if __name__ == "__main__":
+    main()

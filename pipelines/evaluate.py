@@ -1,0 +1,124 @@
+"""The evaluate step: GRU4Rec and every configured baseline through one harness on test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import polars as pl
+
+from pipelines.report import format_table
+from pipelines.tracking import TAG_CACHED, TAG_DATA, Tracker
+from pipelines.train import model_path, read_meta
+from recsys.atomic import atomic_path, write_json
+from recsys.config import Config
+from recsys.data.preparation import load_prepared
+from recsys.errors import RecsysError
+from recsys.evaluation import EvaluationResult, evaluate, metric_name
+from recsys.model.recommender import GRU4RecRecommender
+from recsys.plots import plot_metrics
+from recsys.progress import step
+
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+METRICS_PLOT = "metrics.png"
+GRU4REC = "gru4rec"
+
+
+def eval_key(config: Config, model_fingerprint: str, data_fingerprint: str) -> str:
+    blob = f"{config.section_hash('evaluation')}|{model_fingerprint}|{data_fingerprint}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_results(config: Config) -> dict[str, Any] | None:
+    path = config.evaluation_dir / METRICS_JSON
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def run_evaluate(config: Config, tracker: Tracker | None, force: bool = False) -> dict[str, Any]:
+    data = load_prepared(config.prepared_dir)
+    meta = read_meta(config)
+    if meta is None:
+        raise RecsysError(
+            f"{model_path(config)}: no trained model; run `recsys train --config ...` first"
+        )
+    key = eval_key(config, meta["model_fingerprint"], data.stats["fingerprint"])
+    previous = read_results(config)
+    cached = not force and previous is not None and previous.get("key") == key
+    results = previous if cached else _evaluate(config, data, key)
+    assert results is not None
+    if tracker is not None:
+        with tracker.step("evaluate", ("evaluation",)) as run:
+            run.tags({TAG_DATA: data.stats["fingerprint"], TAG_CACHED: str(cached).lower()})
+            metrics: dict[str, float] = {}
+            for row in results["rows"]:
+                for k, v in row.items():
+                    if isinstance(v, int | float) and k != "model":
+                        metrics[f"{row['model']}.{k}"] = float(v)
+            run.metrics(metrics)
+            for name in (METRICS_JSON, METRICS_CSV, METRICS_PLOT):
+                run.artifact(config.evaluation_dir / name)
+    print(results_table(results, config))
+    return results
+
+
+def _evaluate(config: Config, data: Any, key: str) -> dict[str, Any]:
+    from recsys.baselines import make_baseline
+
+    ev = config.evaluation
+    kwargs: dict[str, Any] = {
+        "cutoffs": ev.cutoffs,
+        "ties": ev.ties,
+        "batch_size": ev.batch_size,
+        "exclude_seen": ev.exclude_seen,
+        "coverage_k": ev.coverage_k,
+    }
+    rows: list[dict[str, Any]] = []
+    gru = GRU4RecRecommender.from_file(model_path(config))
+    result = evaluate(gru, data.test, name=GRU4REC, **kwargs)
+    rows.append(_row(result, fit_seconds=0.0))
+    for name, spec in ev.baselines.items():
+        with step(f"baseline {name}: fit"):
+            start = time.perf_counter()
+            model = make_baseline(spec.kind, data.n_items, dict(spec.params)).fit(data.train)
+            fit_seconds = time.perf_counter() - start
+        rows.append(_row(evaluate(model, data.test, name=name, **kwargs), fit_seconds))
+    results = {"key": key, "ties": ev.ties, "cutoffs": ev.cutoffs, "rows": rows}
+    out = config.evaluation_dir
+    plot_metrics(rows, ev.cutoffs, out / METRICS_PLOT)
+    with atomic_path(out / METRICS_CSV) as tmp:
+        pl.DataFrame(rows).write_csv(tmp)
+    write_json(out / METRICS_JSON, results)  # written last: its key marks a complete evaluation
+    return results
+
+
+def _row(result: EvaluationResult, fit_seconds: float) -> dict[str, Any]:
+    row = result.as_dict()
+    row["fit_seconds"] = round(fit_seconds, 3)
+    return row
+
+
+def results_table(results: dict[str, Any], config: Config) -> str:
+    cutoffs = results["cutoffs"]
+    shown = [metric_name(m, k) for m in ("recall", "mrr") for k in cutoffs if k in (5, 10, 20)]
+    cov = metric_name("coverage", config.evaluation.coverage_k)
+    columns = ["model", *shown, cov, "seconds"]
+    rows = sorted(results["rows"], key=lambda r: -r.get(config.registry.metric, 0.0))
+    first = results["rows"][0]
+    head = (
+        f"test: {first['predictions']:,} predictions in {first['sessions']:,} sessions, "
+        f"full catalogue, {results['ties']} ties"
+    )
+    if first["skipped_sessions"] or first["unknown_events"]:
+        head += (
+            f"; {first['unknown_events']:,} clicks on unknown items skipped, "
+            f"{first['skipped_sessions']:,} sessions left with fewer than 2 known clicks"
+        )
+    return head + "\n" + format_table(rows, columns)

@@ -1,0 +1,191 @@
+"""The register step: log GRU4Rec as an MLflow pyfunc, register it, move the aliases.
+
+``champion`` moves to the new version only if it beats the current champion on the configured
+metric (default MRR@20 on test); otherwise the new version becomes ``challenger``. ``--promote``
+forces the move. A rerun for the same trained model reuses its version (matched by the model
+file's fingerprint), so a failure halfway never leaves duplicate versions behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import recsys
+from pipelines.evaluate import GRU4REC, eval_key, read_results
+from pipelines.tracking import TAG_DATA, TAG_MODEL, Tracker, guard
+from pipelines.train import model_path, read_meta
+from recsys.config import Config
+from recsys.data.preparation import load_prepared
+from recsys.errors import RecsysError
+from recsys.pyfunc import SESSION_COLUMN
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+METRIC_TAG = "recsys.metric."
+PACKAGE_DIR = Path(recsys.__file__).parent
+
+
+def _pip_requirements() -> list[str]:
+    return [
+        "torch==2.13.0",
+        "mlflow>=3.17,<3.18",
+        "polars>=2.1,<3",
+        "numpy>=1.26",
+        "pydantic>=2,<3",
+        "pyyaml>=6",
+    ]
+
+
+def _signature(numeric_ids: bool) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array("long" if numeric_ids else "string"), SESSION_COLUMN)]),
+        params=ParamSchema(
+            [ParamSpec("k", "long", 20), ParamSpec("exclude_seen", "boolean", False)]
+        ),
+    )
+
+
+def _existing_version(client: Any, name: str, fingerprint: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    for v in versions:
+        if v.tags.get(TAG_MODEL) == fingerprint:
+            return v
+    return None
+
+
+def _champion(client: Any, name: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def run_register(config: Config, tracker: Tracker, promote: bool = False) -> dict[str, Any]:
+    import mlflow
+
+    meta = read_meta(config)
+    if meta is None:
+        raise RecsysError(f"{model_path(config)}: no trained model; run `recsys train` first")
+    data = load_prepared(config.prepared_dir)
+    results = read_results(config)
+    key = eval_key(config, meta["model_fingerprint"], data.stats["fingerprint"])
+    if results is None or results.get("key") != key:
+        raise RecsysError(
+            "the evaluation is missing or belongs to another model; run `recsys evaluate` first"
+        )
+    metric = config.registry.metric
+    row = next(r for r in results["rows"] if r["model"] == GRU4REC)
+    if metric not in row:
+        raise RecsysError(
+            f"registry.metric {metric!r} is not among the evaluation metrics "
+            f"({', '.join(k for k in row if '@' in k)})"
+        )
+    value = float(row[metric])
+    client = tracker.client
+    name = config.registered_model_name
+    fingerprint = meta["model_fingerprint"]
+    numeric_ids = _numeric_ids(data)
+
+    with tracker.step("register", ("model", "train", "registry")) as run:
+        version = _existing_version(client, name, fingerprint)
+        reused = version is not None
+        if version is None:
+            with guard("logging the model"):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),
+                    artifacts={"model": str(model_path(config))},
+                    code_paths=[str(PACKAGE_DIR)],
+                    signature=_signature(numeric_ids),
+                    input_example=(_example_sessions(data), {"k": 20}),
+                    pip_requirements=_pip_requirements(),
+                    model_config={"k": 20},
+                )
+            tags = {
+                TAG_MODEL: fingerprint,
+                TAG_DATA: data.stats["fingerprint"],
+                _metric_tag(metric): str(value),
+            }
+            with guard("registering the model version"):
+                version = mlflow.register_model(info.model_uri, name, tags=tags)
+        decision, previous = _decide(client, name, version, metric, value, promote)
+        run.tags({"recsys.decision": decision, "recsys.model_version": str(version.version)})
+        run.metrics(
+            {f"candidate.{metric}": value}
+            | ({f"champion.{metric}": previous} if previous is not None else {})
+        )
+    outcome = {
+        "name": name,
+        "version": int(version.version),
+        "metric": metric,
+        "value": value,
+        "champion_value": previous,
+        "decision": decision,
+        "reused": reused,
+    }
+    print(describe(outcome))
+    return outcome
+
+
+def _decide(
+    client: Any, name: str, version: Any, metric: str, value: float, promote: bool
+) -> tuple[str, float | None]:
+    current = _champion(client, name)
+    previous = None
+    if current is not None:
+        tag = current.tags.get(_metric_tag(metric))
+        previous = float(tag) if tag is not None else None
+    with guard("setting the model aliases"):
+        if current is not None and str(current.version) == str(version.version):
+            return "already champion", previous
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+            return "champion (forced by --promote)", previous
+        if current is None or previous is None or value > previous:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+            return "champion", previous
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        return "challenger", previous
+
+
+def _metric_tag(metric: str) -> str:
+    """Registry tag keys cannot hold '@': ``mrr@20`` -> ``recsys.metric.mrr_at_20``."""
+    return METRIC_TAG + metric.replace("@", "_at_")
+
+
+def describe(outcome: dict[str, Any]) -> str:
+    metric = outcome["metric"]
+    champ = outcome["champion_value"]
+    versus = f"current champion {metric} = {champ:.4f}" if champ is not None else "no champion yet"
+    reuse = " (already registered for this model; reused)" if outcome["reused"] else ""
+    return (
+        f"registered {outcome['name']} version {outcome['version']}{reuse}: "
+        f"{metric} = {outcome['value']:.4f}, {versus} -> {outcome['decision']}\n"
+        f"load it with: models:/{outcome['name']}@{CHAMPION}"
+    )
+
+
+def _numeric_ids(data: Any) -> bool:
+    import polars as pl
+
+    return data.items["item_id"].dtype in (pl.Int64, pl.Int32, pl.UInt32, pl.UInt64)
+
+
+def _example_sessions(data: Any) -> Any:
+    """Two sessions (3 and 2 clicks) in the request's shape: a frame with an ``items`` column."""
+    import pandas as pd
+
+    items = data.test["item_id"].head(5).to_list()
+    return pd.DataFrame({SESSION_COLUMN: [items[:3], items[3:5]]})

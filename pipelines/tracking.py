@@ -1,0 +1,173 @@
+"""MLflow conventions (DESIGN §5), defined once: store location, experiments, runs, tags.
+
+Default store: ``sqlite:///<project>/mlops/mlflow.db`` with artifacts in ``mlops/artifacts``;
+``MLFLOW_TRACKING_URI`` switches to any server unchanged. One experiment per dataset, one
+parent run per pipeline invocation and a child run per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from recsys.config import Config
+from recsys.errors import RecsysError
+from recsys.mlflow_store import artifact_root, connect, first_line
+
+TAG_STEP = "recsys.step"
+TAG_DATA = "recsys.data_fingerprint"
+TAG_CONFIG = "recsys.config_hash"
+TAG_COMMIT = "recsys.git_commit"
+TAG_CACHED = "recsys.cached"
+TAG_MODEL = "recsys.model_fingerprint"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def experiment_id(client: Any, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
+    root = artifact_root()
+    location = f"{root}/{name}" if root else None
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+class Tracker:
+    """Opens the runs of one invocation: a parent (pipeline) and children (steps)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.client = connect()
+        self.experiment_id = experiment_id(self.client, config.name)
+        self.parent_id: str | None = None
+        self.commit = git_commit()
+
+    @contextlib.contextmanager
+    def parent(self, run_name: str = "pipeline") -> Iterator[str]:
+        import mlflow
+
+        with guard("starting the pipeline run"):
+            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name)
+        self.parent_id = run.info.run_id
+        try:
+            with guard("logging the config"):
+                self.client.log_batch(
+                    run.info.run_id,
+                    params=_params(self.config.flat_params()),
+                    tags=_tags({TAG_STEP: "pipeline", TAG_COMMIT: self.commit}),
+                )
+            yield run.info.run_id
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            self.parent_id = None
+            raise
+        mlflow.end_run()
+        self.parent_id = None
+
+    @contextlib.contextmanager
+    def step(self, step: str, config_sections: tuple[str, ...]) -> Iterator[StepRun]:
+        """A run for one step: nested in the pipeline's parent run when there is one."""
+        import mlflow
+
+        with guard(f"starting the {step} run"):
+            run = mlflow.start_run(
+                experiment_id=self.experiment_id,
+                run_name=step,
+                nested=self.parent_id is not None,
+                parent_run_id=self.parent_id,
+            )
+        handle = StepRun(self.client, run.info.run_id)
+        try:
+            with guard(f"logging the {step} run"):
+                self.client.log_batch(
+                    run.info.run_id,
+                    params=_params(self.config.flat_params()),
+                    tags=_tags(
+                        {
+                            TAG_STEP: step,
+                            TAG_COMMIT: self.commit,
+                            TAG_CONFIG: self.config.section_hash(*config_sections),
+                        }
+                    ),
+                )
+            yield handle
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+        mlflow.end_run()
+
+
+class StepRun:
+    """Thin helpers over one run id, so steps never juggle MLflow's global state."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def tags(self, tags: dict[str, str]) -> None:
+        with guard("logging tags"):
+            self.client.log_batch(self.run_id, tags=_tags(tags))
+
+    def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(_metric_key(k), float(v), now, step) for k, v in metrics.items()]
+        with guard("logging metrics"):
+            for i in range(0, len(items), 500):
+                self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        with guard(f"logging the artifact {path}"):
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def _metric_key(key: str) -> str:
+    """MLflow metric names cannot hold '@'; ``recall@20`` is logged as ``recall_at_20``."""
+    return key.replace("@", "_at_")
+
+
+def _params(params: dict[str, str]) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(k, v[:6000]) for k, v in params.items()]
+
+
+def _tags(tags: dict[str, str]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, v) for k, v in tags.items()]
+
+
+@contextlib.contextmanager
+def guard(action: str) -> Iterator[None]:
+    """Turn an MLflow store failure (unreachable, locked) into one clear message."""
+    try:
+        yield
+    except RecsysError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(exc, MlflowException | OSError) or "sqlite" in type(exc).__module__:
+            hint = " (the database is locked by another process)" if "locked" in str(exc) else ""
+            raise RecsysError(
+                f"MLflow failed while {action}{hint}: {first_line(exc)}; local outputs are intact"
+            ) from None
+        raise

@@ -1,0 +1,263 @@
+"""Run configuration: one YAML file, validated into typed dataclass-like models.
+
+One model per concern (source, preparation, model, training, evaluation, registry). Unknown keys
+and wrong types are errors that name the file and the key; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from recsys.data.synthetic import SyntheticConfig
+from recsys.errors import RecsysError
+
+SourceFormat = Literal[
+    "synthetic",
+    "yoochoose",
+    "gru4rec_tsv",
+    "diginetica",
+    "retailrocket",
+    "rees46",
+    "coveo",
+    "srgnn_tsv",
+    "table",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Strict):
+    """Where the raw click log is and how to read it."""
+
+    format: SourceFormat
+    path: Path | list[Path] | None = None
+    # `table` format: canonical column -> column name in the file.
+    columns: dict[Literal["session_id", "item_id", "timestamp"], str] | None = None
+    # `table` format: unit of a numeric timestamp column, or "datetime" for parsed strings.
+    timestamp_unit: Literal["s", "ms", "us", "ns", "datetime"] = "s"
+    separator: str | None = None
+    # Formats without sessions (RetailRocket, Rees46) or with long ones (Coveo) are cut here.
+    session_gap_minutes: Annotated[float, Field(gt=0)] = 60.0
+    synthetic: SyntheticConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_source(self) -> SourceConfig:
+        if self.format == "synthetic":
+            if self.synthetic is None:
+                object.__setattr__(self, "synthetic", SyntheticConfig())
+        elif self.path is None:
+            raise ValueError(f"format '{self.format}' needs a 'path' to the raw log")
+        if self.format == "table" and not self.columns:
+            raise ValueError(
+                "format 'table' needs 'columns' mapping session_id, item_id, timestamp to file columns"
+            )
+        return self
+
+    @property
+    def paths(self) -> list[Path]:
+        if self.path is None:
+            return []
+        return list(self.path) if isinstance(self.path, list) else [self.path]
+
+
+class PreparationConfig(_Strict):
+    """The preparation protocol (DESIGN §2); defaults are the published GRU4Rec protocol."""
+
+    dedup_consecutive: bool = True
+    min_session_length: Annotated[int, Field(ge=1)] = 2
+    min_item_support: Annotated[int, Field(ge=1)] = 5
+    # Repeat the two filters until nothing changes (the 2023 reference); False = one pass.
+    iterate_filters: bool = True
+    # "time": split at t_max - test_days (or at split_time); "given": keep the reader's split column.
+    split: Literal["time", "given"] = "time"
+    test_days: Annotated[float, Field(gt=0)] = 1.0
+    split_time: str | None = None
+    # For "given" splits without timestamps: share of the last train sessions used as `valid`.
+    valid_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.08
+
+
+class DataConfig(_Strict):
+    source: SourceConfig
+    preparation: PreparationConfig = PreparationConfig()
+
+
+class ModelConfig(_Strict):
+    """GRU4Rec network shape (DESIGN §3)."""
+
+    layers: list[Annotated[int, Field(ge=1)]] = [100]
+    # shared: input vectors = output vectors; separate: own input embedding; none: one-hot input.
+    embedding: Literal["shared", "separate", "none"] = "shared"
+    embedding_dim: Annotated[int, Field(ge=0)] = 0  # separate mode; 0 = size of the first layer
+    dropout_embed: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    dropout_hidden: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    @field_validator("layers")
+    @classmethod
+    def _non_empty(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("needs at least one GRU layer")
+        return v
+
+
+class EarlyStoppingConfig(_Strict):
+    """Tune the epoch count on train_tr/valid, then refit on the full train split."""
+
+    patience: Annotated[int, Field(ge=1)] = 2
+    metric: str = "mrr@20"
+
+
+class TrainConfig(_Strict):
+    loss: Literal["cross-entropy", "bpr-max", "top1-max"] = "cross-entropy"
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    epochs: Annotated[int, Field(ge=1)] = 5
+    learning_rate: Annotated[float, Field(gt=0)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    n_sample: Annotated[int, Field(ge=0)] = 2048
+    sample_alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+    sample_store_size: Annotated[int, Field(ge=0)] = 10_000_000
+    logq: Annotated[float, Field(ge=0, le=1)] = 0.0
+    bpreg: Annotated[float, Field(ge=0)] = 1.0
+    elu_param: Annotated[float, Field(ge=0)] = 0.5
+    seed: int = 42
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: Annotated[int, Field(ge=0)] = 0  # 0 = torch default
+    max_steps: Annotated[int, Field(ge=0)] = (
+        0  # 0 = full epochs; >0 caps steps per epoch (smoke runs)
+    )
+    early_stopping: EarlyStoppingConfig | None = None
+
+
+class BaselineConfig(_Strict):
+    """One baseline and its parameters; `kind` names the algorithm."""
+
+    kind: Literal["pop", "spop", "iknn", "vsknn", "stan", "sr"]
+    params: dict[str, Any] = {}
+
+
+def _default_baselines() -> dict[str, BaselineConfig]:
+    return {
+        name: BaselineConfig(kind=name)  # type: ignore[arg-type]
+        for name in ("pop", "spop", "iknn", "sr", "vsknn", "stan")
+    }
+
+
+class EvaluationConfig(_Strict):
+    cutoffs: list[Annotated[int, Field(ge=1)]] = [1, 5, 10, 20]
+    ties: Literal["conservative", "standard", "median"] = "conservative"
+    batch_size: Annotated[int, Field(ge=1)] = 512
+    exclude_seen: bool = False
+    coverage_k: Annotated[int, Field(ge=1)] = 20
+    baselines: dict[str, BaselineConfig] = Field(default_factory=_default_baselines)
+
+
+class RegistryConfig(_Strict):
+    metric: str = "mrr@20"
+    model_name: str | None = None  # default gru4rec-<name>
+
+
+class Config(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    workdir: Path = Path("data")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    # Path conventions, defined once.
+    @property
+    def run_dir(self) -> Path:
+        return self.workdir / self.name
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.run_dir / "prepared"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.run_dir / "evaluation"
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.registry.model_name or f"gru4rec-{self.name}"
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some config sections: the cache key that decides if a step is redone."""
+        blob = json.dumps(
+            {s: self.model_dump(mode="json")[s] for s in sections}, sort_keys=True, default=str
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def flat_params(self) -> dict[str, str]:
+        """The whole resolved config as flat ``a.b.c -> value`` strings (for MLflow params)."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/default.yaml for the known keys)"
+        elif "input" in e and e["type"] not in ("missing",):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  - {loc or '<top level>'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config; relative data paths resolve against the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecsysError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecsysError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecsysError(f"{path}: expected a mapping of config sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise RecsysError(_format_validation_error(path, err)) from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a config given as a dict (tests, programmatic use)."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise RecsysError(_format_validation_error(Path("<dict>"), err)) from None

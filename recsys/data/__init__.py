@@ -1,0 +1,1 @@
+"""Data: readers of public click-log formats, the synthetic generator, preparation, batching."""

@@ -1,0 +1,409 @@
+"""Preparation: raw events -> filtered, time-split dataset with an item index (DESIGN §2).
+
+Every step is a polars expression over the whole table; the only loop is the fixed-point
+iteration of the session-length and item-support filters. Outputs are written atomically as a
+directory of Parquet files plus ``stats.json``, which records counts at every step and why rows
+were dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from recsys.atomic import atomic_directory, write_json
+from recsys.config import Config, PreparationConfig
+from recsys.data.schema import (
+    ITEM,
+    ITEM_IDX,
+    ITEMS_FILE,
+    SESSION,
+    SPLIT,
+    STATS_FILE,
+    SUPPORT,
+    TEST,
+    TIME,
+    TRAIN,
+    TRAIN_TR,
+    VALID,
+    split_file,
+)
+from recsys.data.sources import read_events
+from recsys.errors import RecsysError
+from recsys.progress import step
+
+PREPARATION_VERSION = 1  # bump when the protocol changes, so cached outputs are redone
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """The four splits (events with ``item_idx``), the item index and the statistics."""
+
+    train: pl.DataFrame
+    test: pl.DataFrame
+    train_tr: pl.DataFrame
+    valid: pl.DataFrame
+    items: pl.DataFrame
+    stats: dict[str, Any]
+
+    @property
+    def n_items(self) -> int:
+        return self.items.height
+
+    def split(self, name: str) -> pl.DataFrame:
+        return {TRAIN: self.train, TEST: self.test, TRAIN_TR: self.train_tr, VALID: self.valid}[name]
+
+
+# --- the protocol, one function per step ------------------------------------------------------
+
+
+def _summary(events: pl.DataFrame) -> dict[str, Any]:
+    if events.height == 0:
+        return {"events": 0, "sessions": 0, "items": 0}
+    lengths = events.group_by(SESSION).len()["len"]
+    return {
+        "events": events.height,
+        "sessions": lengths.len(),
+        "items": events[ITEM].n_unique(),
+        "time_min": str(events[TIME].min()),
+        "time_max": str(events[TIME].max()),
+        "session_length": {
+            "min": int(lengths.min()),  # type: ignore[arg-type]
+            "p25": float(lengths.quantile(0.25) or 0),
+            "median": float(lengths.median() or 0),
+            "p75": float(lengths.quantile(0.75) or 0),
+            "p95": float(lengths.quantile(0.95) or 0),
+            "max": int(lengths.max()),  # type: ignore[arg-type]
+            "mean": round(float(lengths.mean() or 0), 4),
+        },
+    }
+
+
+def sort_events(events: pl.LazyFrame) -> pl.LazyFrame:
+    """Stable sort by (session, time): ties keep file order, as the click log recorded them."""
+    return events.sort([SESSION, TIME], maintain_order=True)
+
+
+def drop_consecutive_repeats(events: pl.LazyFrame) -> pl.LazyFrame:
+    """Collapse runs of the same item within a session (a reload is not a new intent)."""
+    repeat = (pl.col(ITEM) == pl.col(ITEM).shift(1)) & (pl.col(SESSION) == pl.col(SESSION).shift(1))
+    return events.filter(~repeat.fill_null(False))
+
+
+def filter_sessions_and_items(
+    events: pl.DataFrame, min_length: int, min_support: int, iterate: bool
+) -> tuple[pl.DataFrame, list[dict[str, int]]]:
+    """Drop short sessions and rare items, repeated until nothing changes (or once)."""
+    rounds: list[dict[str, int]] = []
+    while True:
+        before = events.height
+        events = events.filter(pl.len().over(SESSION) >= min_length)
+        after_sessions = events.height
+        events = events.filter(pl.len().over(ITEM) >= min_support)
+        after_items = events.height
+        events = events.filter(pl.len().over(SESSION) >= min_length)
+        rounds.append(
+            {
+                "short_sessions": before - after_sessions + (after_items - events.height),
+                "rare_items": after_sessions - after_items,
+            }
+        )
+        if events.height == before or not iterate:
+            return events, rounds
+
+
+def drop_short_sessions(events: pl.DataFrame, min_length: int) -> pl.DataFrame:
+    return events.filter(pl.len().over(SESSION) >= min_length)
+
+
+def time_split(
+    events: pl.DataFrame, t_split: datetime, min_length: int
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
+    """Test = sessions starting at/after ``t_split``; train = events strictly before it.
+
+    A session that straddles ``t_split`` keeps its early part in train and is not in test, so
+    no event at or after ``t_split`` ever reaches training. Test events of items unseen in
+    train are dropped, then test sessions shorter than ``min_length``.
+    """
+    start = pl.col(TIME).min().over(SESSION)
+    test = events.filter(start >= t_split)
+    train_all = events.filter(pl.col(TIME) < t_split)
+    train = drop_short_sessions(train_all, min_length)
+    return _restrict_test(train, test, min_length) + (
+        {
+            "train_events_at_or_after_split": events.height - train_all.height - test.height,
+            "train_short_sessions_after_split": train_all.height - train.height,
+        },
+    )
+
+
+def given_split(
+    events: pl.DataFrame, min_length: int
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
+    train_all = events.filter(pl.col(SPLIT) == "train").drop(SPLIT)
+    train = drop_short_sessions(train_all, min_length)
+    test = events.filter(pl.col(SPLIT) == "test").drop(SPLIT)
+    return _restrict_test(train, test, min_length) + (
+        {"train_short_sessions_after_split": train_all.height - train.height},
+    )
+
+
+def _restrict_test(
+    train: pl.DataFrame, test: pl.DataFrame, min_length: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    known = test.filter(pl.col(ITEM).is_in(train[ITEM].unique().implode()))
+    restricted = drop_short_sessions(known, min_length)
+    return train, restricted
+
+
+def _split_dropped(test: pl.DataFrame, train: pl.DataFrame, min_length: int) -> dict[str, int]:
+    known = test.filter(pl.col(ITEM).is_in(train[ITEM].unique().implode()))
+    return {
+        "test_unknown_items": test.height - known.height,
+        "test_short_sessions": known.height - drop_short_sessions(known, min_length).height,
+    }
+
+
+def last_sessions_split(
+    train: pl.DataFrame, fraction: float, min_length: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """For logs without timestamps: the last ``fraction`` of sessions (in order) are held out."""
+    order = session_order(train)
+    n_valid = max(1, int(round(order.height * fraction)))
+    valid_ids = order[SESSION].tail(n_valid).implode()
+    tr = train.filter(~pl.col(SESSION).is_in(valid_ids))
+    valid = train.filter(pl.col(SESSION).is_in(valid_ids))
+    return _restrict_test(tr, valid, min_length)
+
+
+def session_order(events: pl.DataFrame) -> pl.DataFrame:
+    """Sessions sorted by start time (ties by session id): the order GRU4Rec trains in."""
+    return (
+        events.group_by(SESSION)
+        .agg(pl.col(TIME).min().alias("start"))
+        .sort(["start", SESSION], maintain_order=True)
+    )
+
+
+def order_by_session_start(events: pl.DataFrame) -> pl.DataFrame:
+    """Rows sorted by (session start, session, time): each session contiguous, oldest first."""
+    return (
+        events.with_columns(pl.col(TIME).min().over(SESSION).alias("__start"))
+        .sort(["__start", SESSION, TIME], maintain_order=True)
+        .drop("__start")
+    )
+
+
+def build_item_index(train: pl.DataFrame) -> pl.DataFrame:
+    """Contiguous ``item_idx`` over train items, ordered by raw id (stable across reruns)."""
+    return (
+        train.group_by(ITEM)
+        .len(name=SUPPORT)
+        .sort(ITEM)
+        .with_row_index(ITEM_IDX)
+        .with_columns(pl.col(ITEM_IDX).cast(pl.Int64), pl.col(SUPPORT).cast(pl.Int64))
+        .select(ITEM_IDX, ITEM, SUPPORT)
+    )
+
+
+def attach_index(events: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    return events.join(items.select(ITEM, ITEM_IDX), on=ITEM, how="inner", maintain_order="left")
+
+
+# --- the whole step ---------------------------------------------------------------------------
+
+
+def source_fingerprint(config: Config) -> str:
+    """Cheap identity of the raw input: sizes and mtimes of the files (or the generator knobs)."""
+    src = config.data.source
+    parts: list[str] = [src.model_dump_json()]
+    for p in src.paths:
+        st = Path(p).stat() if Path(p).exists() else None
+        parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}" if st else f"{p}:missing")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_key(config: Config) -> str:
+    blob = json.dumps(
+        {
+            "version": PREPARATION_VERSION,
+            "data": config.section_hash("data"),
+            "source": source_fingerprint(config),
+        }
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_up_to_date(config: Config) -> bool:
+    stats_path = config.prepared_dir / STATS_FILE
+    if not stats_path.exists():
+        return False
+    try:
+        stats = json.loads(stats_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    files = [config.prepared_dir / split_file(s) for s in (TRAIN, TEST, TRAIN_TR, VALID)]
+    return stats.get("cache_key") == cache_key(config) and all(f.exists() for f in files)
+
+
+def prepare_events(events: pl.LazyFrame, prep: PreparationConfig, origin: str) -> PreparedDataset:
+    """Run the protocol on canonical events (in memory); no file is written here."""
+    dropped: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    with step("  reading and sorting"):
+        schema = events.collect_schema().names()
+        has_given_split = SPLIT in schema
+        raw = events.collect(engine="streaming")
+        counts["raw_events"] = raw.height
+        if raw.height == 0:
+            raise RecsysError(f"{origin}: no events to prepare (the input has no rows)")
+        complete = raw.drop_nulls([SESSION, ITEM, TIME])
+        dropped["missing_values"] = raw.height - complete.height
+        del raw
+        ordered = sort_events(complete.lazy()).collect(engine="streaming")
+    if prep.dedup_consecutive:
+        deduped = drop_consecutive_repeats(ordered.lazy()).collect(engine="streaming")
+        dropped["consecutive_repeats"] = ordered.height - deduped.height
+    else:
+        deduped = ordered
+        dropped["consecutive_repeats"] = 0
+    counts["after_cleaning"] = deduped.height
+    with step("  filtering sessions and items"):
+        filtered, rounds = filter_sessions_and_items(
+            deduped, prep.min_session_length, prep.min_item_support, prep.iterate_filters
+        )
+    dropped["filter_rounds"] = rounds
+    dropped["short_sessions"] = sum(r["short_sessions"] for r in rounds)
+    dropped["rare_items"] = sum(r["rare_items"] for r in rounds)
+    counts["after_filters"] = filtered.height
+    if filtered.height == 0:
+        raise RecsysError(
+            f"{origin}: every event was filtered away (min_session_length="
+            f"{prep.min_session_length}, min_item_support={prep.min_item_support}); "
+            f"{counts['raw_events']} raw events, {dropped['missing_values']} with missing values"
+        )
+
+    with step("  splitting"):
+        if prep.split == "given":
+            if not has_given_split:
+                raise RecsysError(
+                    f"{origin}: data.preparation.split is 'given' but the source has no split column"
+                )
+            train, test, split_drops = given_split(filtered, prep.min_session_length)
+            test_raw = filtered.filter(pl.col(SPLIT) == "test")
+            t_split = None
+            train_tr, valid = last_sessions_split(train, prep.valid_fraction, prep.min_session_length)
+            t_split_valid = None
+        else:
+            base = filtered.drop(SPLIT) if has_given_split else filtered
+            t_split = _split_time(base, prep)
+            train, test, split_drops = time_split(base, t_split, prep.min_session_length)
+            test_raw = base.filter(pl.col(TIME).min().over(SESSION) >= t_split)
+            t_split_valid = train[TIME].max() - timedelta(days=prep.test_days)  # type: ignore[operator]
+            train_tr, valid, _ = time_split(train, t_split_valid, prep.min_session_length)
+        dropped.update(split_drops)
+        dropped.update(_split_dropped(test_raw.drop(SPLIT, strict=False), train, prep.min_session_length))
+    if train.height == 0:
+        raise RecsysError(f"{origin}: the train split is empty (split time {t_split})")
+    if test.height == 0:
+        raise RecsysError(
+            f"{origin}: the test split is empty after dropping unknown items and short sessions "
+            f"(split time {t_split}); lengthen data.preparation.test_days or check the log's time span"
+        )
+
+    items = build_item_index(train)
+    splits = {
+        name: order_by_session_start(attach_index(frame, items))
+        for name, frame in ((TRAIN, train), (TEST, test), (TRAIN_TR, train_tr), (VALID, valid))
+    }
+    stats: dict[str, Any] = {
+        "source": origin,
+        "timestamps": not has_given_split,
+        "split": {
+            "method": prep.split,
+            "t_split": str(t_split) if t_split else None,
+            "t_split_valid": str(t_split_valid) if t_split_valid else None,
+        },
+        "counts": counts,
+        "dropped": dropped,
+        "splits": {name: _summary(frame) for name, frame in splits.items()},
+        "items": items.height,
+        "test_predictions": int(splits[TEST].height - splits[TEST][SESSION].n_unique()),
+        "valid_predictions": int(splits[VALID].height - splits[VALID][SESSION].n_unique()),
+    }
+    if not stats["timestamps"]:
+        for summary in stats["splits"].values():
+            summary.pop("time_min", None)
+            summary.pop("time_max", None)
+    return PreparedDataset(items=items, stats=stats, **splits)
+
+
+def _split_time(events: pl.DataFrame, prep: PreparationConfig) -> datetime:
+    if prep.split_time:
+        try:
+            t = datetime.fromisoformat(prep.split_time)
+        except ValueError:
+            raise RecsysError(
+                f"data.preparation.split_time: expected an ISO time such as 2016-05-25T00:00:00, "
+                f"got {prep.split_time!r}"
+            ) from None
+        return t if t.tzinfo else t.replace(tzinfo=UTC)
+    t_max: datetime = events[TIME].max()  # type: ignore[assignment]
+    return t_max - timedelta(days=prep.test_days)
+
+
+def prepare(config: Config, force: bool = False) -> tuple[dict[str, Any], bool]:
+    """Prepare the configured source into ``config.prepared_dir``; returns (stats, was_redone).
+
+    Skipped when the output exists for the same data config and raw input, unless ``force``.
+    """
+    out = config.prepared_dir
+    if not force and is_up_to_date(config):
+        return json.loads((out / STATS_FILE).read_text()), False
+    start = time.perf_counter()
+    origin = ", ".join(str(p) for p in config.data.source.paths) or config.data.source.format
+    dataset = prepare_events(read_events(config.data.source), config.data.preparation, origin)
+    stats = dict(dataset.stats)
+    stats["cache_key"] = cache_key(config)
+    stats["seconds"] = round(time.perf_counter() - start, 3)
+    with atomic_directory(out) as tmp:
+        for name in (TRAIN, TEST, TRAIN_TR, VALID):
+            dataset.split(name).write_parquet(tmp / split_file(name), statistics=False)
+        dataset.items.write_parquet(tmp / ITEMS_FILE, statistics=False)
+        stats["fingerprint"] = data_fingerprint(tmp)
+        write_json(tmp / STATS_FILE, stats)
+    return stats, True
+
+
+def data_fingerprint(directory: Path) -> str:
+    """Content hash of a prepared dataset's Parquet files (the MLflow data tag)."""
+    h = hashlib.sha256()
+    for name in (TRAIN, TEST, TRAIN_TR, VALID):
+        h.update((directory / split_file(name)).read_bytes())
+    h.update((directory / ITEMS_FILE).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_prepared(directory: Path) -> PreparedDataset:
+    """Read a prepared dataset; a missing or partial one is a clear error, not a traceback."""
+    directory = Path(directory)
+    needed = [split_file(s) for s in (TRAIN, TEST, TRAIN_TR, VALID)] + [ITEMS_FILE, STATS_FILE]
+    missing = [n for n in needed if not (directory / n).exists()]
+    if missing:
+        raise RecsysError(
+            f"{directory}: no prepared dataset here (missing {', '.join(missing)}); "
+            f"run `recsys prepare --config ...` first"
+        )
+    frames = {s: pl.read_parquet(directory / split_file(s)) for s in (TRAIN, TEST, TRAIN_TR, VALID)}
+    return PreparedDataset(
+        items=pl.read_parquet(directory / ITEMS_FILE),
+        stats=json.loads((directory / STATS_FILE).read_text()),
+        **frames,
+    )

@@ -1,0 +1,1 @@
+"""GRU4Rec: the network, its losses, negative sampling and the row-sparse optimiser."""

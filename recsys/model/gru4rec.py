@@ -1,0 +1,196 @@
+"""GRU4Rec: the network (Hidasi et al. ICLR 2016; Hidasi & Karatzoglou CIKM 2018).
+
+One file holds the network, its three item-input modes and its file format:
+- ``shared``: the input vector of an item is its output vector (one matrix, tied);
+- ``separate``: an input embedding of its own;
+- ``none``: one-hot input, i.e. the first GRU layer's input weights are a per-item row lookup.
+Scores are ``h · Wy[items]ᵀ + by[items]``. The item matrices are plain tensors updated row by
+row by the trainer (only the rows used in a step change); the GRU weights are dense.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.atomic import atomic_path
+from recsys.config import ModelConfig
+from recsys.errors import RecsysError
+
+FILE_FORMAT = "recsys-gru4rec"
+FILE_VERSION = 1
+
+
+def _uniform(
+    shape: tuple[int, int], fan_in: int, fan_out: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Uniform ±sqrt(6/(fan_in+fan_out)); callers draw one block per gate."""
+    scale = math.sqrt(6.0 / (fan_in + fan_out))
+    return (torch.rand(shape, generator=gen) * 2 - 1) * scale
+
+
+class GRU4Rec(nn.Module):
+    """Session-parallel GRU over item sequences, scoring the whole catalogue or a subset."""
+
+    def __init__(self, n_items: int, config: ModelConfig, seed: int = 42) -> None:
+        super().__init__()
+        if n_items < 1:
+            raise RecsysError("GRU4Rec needs at least one item")
+        self.n_items = n_items
+        self.config = config
+        self.layers = list(config.layers)
+        self.mode = config.embedding
+        gen = torch.Generator().manual_seed(seed)
+        out_dim = self.layers[-1]
+
+        # Item output vectors and biases: (n_items, H_last), (n_items,)
+        self.item_out = nn.Parameter(_uniform((n_items, out_dim), n_items, out_dim, gen))
+        self.item_bias = nn.Parameter(torch.zeros(n_items))
+        if self.mode == "separate":
+            dim = config.embedding_dim or self.layers[0]
+            self.item_in = nn.Parameter(_uniform((n_items, dim), n_items, dim, gen))
+            in_dim = dim
+        elif self.mode == "none":
+            h0 = self.layers[0]
+            # One-hot input: per-item rows of the first layer's input weights, one block per gate.
+            self.item_in = nn.Parameter(
+                torch.cat([_uniform((n_items, h0), n_items, h0, gen) for _ in range(3)], 1)
+            )
+            in_dim = 0
+        else:
+            self.register_parameter("item_in", None)
+            in_dim = out_dim
+
+        self.w_ih = nn.ParameterList()
+        self.w_hh = nn.ParameterList()
+        self.b_ih = nn.ParameterList()
+        self.b_hh = nn.ParameterList()
+        for k, h in enumerate(self.layers):
+            fan_in = in_dim if k == 0 else self.layers[k - 1]
+            if k == 0 and self.mode == "none":
+                self.w_ih.append(nn.Parameter(torch.empty(0)))  # lives in item_in
+            else:
+                self.w_ih.append(
+                    nn.Parameter(
+                        torch.cat([_uniform((h, fan_in), fan_in, h, gen) for _ in range(3)])
+                    )
+                )  # (3H, fan_in)
+            self.w_hh.append(
+                nn.Parameter(torch.cat([_uniform((h, h), h, h, gen) for _ in range(3)]))
+            )  # (3H, H)
+            self.b_ih.append(nn.Parameter(torch.zeros(3 * h)))
+            self.b_hh.append(nn.Parameter(torch.zeros(3 * h)))
+
+    # --- the recurrent step -----------------------------------------------------------------
+
+    def input_table(self) -> torch.Tensor:
+        """The matrix whose rows are the items' inputs (shared mode: the output matrix)."""
+        return self.item_out if self.item_in is None else self.item_in
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """GRU weights: updated densely. Item matrices are excluded (row-sparse updates)."""
+        return [
+            p for group in (self.w_ih, self.w_hh, self.b_ih, self.b_hh) for p in group if p.numel()
+        ]
+
+    def init_hidden(self, batch: int) -> list[torch.Tensor]:
+        device = self.item_out.device
+        return [torch.zeros(batch, h, device=device) for h in self.layers]
+
+    def step(
+        self, x: torch.Tensor, hidden: list[torch.Tensor], train: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One click for every slot: x (B, D_in) input rows -> output (B, H_last), new hidden.
+
+        With dropout on the hidden output, the dropped-out vector is also the next hidden state
+        (as in the original), so the next step sees what the scorer saw.
+        """
+        cfg = self.config
+        new_hidden: list[torch.Tensor] = []
+        if self.mode != "none" and train and cfg.dropout_embed > 0:
+            x = F.dropout(x, cfg.dropout_embed, training=True)
+        for k, h in enumerate(hidden):
+            if k == 0 and self.mode == "none":
+                h_new = self._onehot_cell(x, h, k)
+                p = cfg.dropout_embed
+            else:
+                h_new = torch.gru_cell(x, h, self.w_ih[k], self.w_hh[k], self.b_ih[k], self.b_hh[k])
+                p = cfg.dropout_hidden
+            if train and p > 0:
+                h_new = F.dropout(h_new, p, training=True)
+            new_hidden.append(h_new)
+            x = h_new
+        return x, new_hidden
+
+    def _onehot_cell(self, gi: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
+        """GRU cell whose input projection was looked up per item: gi (B, 3H)."""
+        gi = gi + self.b_ih[k]
+        gh = F.linear(h, self.w_hh[k], self.b_hh[k])  # (B, 3H)
+        i_r, i_z, i_n = gi.chunk(3, 1)
+        h_r, h_z, h_n = gh.chunk(3, 1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return n + z * (h - n)
+
+    # --- inference --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_sessions(self, padded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Outputs after every click of a batch of sessions, each starting from a zero state.
+
+        padded (B, T) item indices (any value past a session's length), lengths (B,).
+        Returns (B, T, H_last); rows past a session's length are meaningless.
+        """
+        b, t_max = padded.shape
+        hidden = self.init_hidden(b)
+        table = self.input_table()
+        outs = []
+        for t in range(t_max):
+            x = table[padded[:, t].clamp(0, self.n_items - 1)]  # (B, D_in)
+            out, hidden = self.step(x, hidden, train=False)
+            outs.append(out)
+        return torch.stack(outs, 1)
+
+    def score_all(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, H_last) -> (B, n_items) scores over the whole catalogue."""
+        return torch.addmm(self.item_bias, out, self.item_out.t())
+
+    # --- file format ------------------------------------------------------------------------
+
+    def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
+        """Tensors + plain config + item index only, so it loads with ``weights_only=True``."""
+        payload = {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "n_items": self.n_items,
+            "model_config": self.config.model_dump(mode="json"),
+            "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            **(extra or {}),
+        }
+        with atomic_path(Path(path)) as tmp:
+            torch.save(payload, tmp)
+
+    @classmethod
+    def load(
+        cls, path: Path, map_location: str | torch.device = "cpu"
+    ) -> tuple[GRU4Rec, dict[str, Any]]:
+        """Load a saved model; returns (model, the whole payload for the caller's extras)."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecsysError(f"{path}: model file not found")
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
+            raise RecsysError(f"{path}: not a loadable recsys model file ({exc})") from None
+        if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+            raise RecsysError(f"{path}: not a recsys GRU4Rec model file")
+        model = cls(int(payload["n_items"]), ModelConfig.model_validate(payload["model_config"]))
+        model.load_state_dict(payload["state"])
+        model.eval()
+        return model, payload

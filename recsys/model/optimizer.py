@@ -1,0 +1,61 @@
+"""Adagrad with momentum, updating only the rows used in a step (GRU4Rec's optimiser).
+
+``acc += g²``; ``step = -lr · g / sqrt(acc + eps)`` (eps inside the root); with momentum
+``v = momentum · v + step`` (classical heavy-ball momentum on the Adagrad step); ``p += v``.
+For the item matrices only the touched rows of the parameter, its accumulator and its velocity
+change (lazy momentum), which is what keeps a step cheap with a large catalogue.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RowAdagradM:
+    """State (accumulator, velocity) for a set of parameters; dense and row-wise updates."""
+
+    def __init__(self, learning_rate: float, momentum: float = 0.0, eps: float = 1e-6) -> None:
+        self.lr = learning_rate
+        self.momentum = momentum
+        self.eps = eps
+        self.acc: dict[str, torch.Tensor] = {}
+        self.vel: dict[str, torch.Tensor] = {}
+
+    def _state(self, name: str, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if name not in self.acc:
+            self.acc[name] = torch.zeros_like(param)
+            if self.momentum > 0:
+                self.vel[name] = torch.zeros_like(param)
+        return self.acc[name], self.vel.get(name)
+
+    @torch.no_grad()
+    def dense(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+        acc, vel = self._state(name, param)
+        acc.addcmul_(grad, grad)
+        step = grad * torch.rsqrt(acc + self.eps)
+        if vel is None:
+            param.add_(step, alpha=-self.lr)
+        else:
+            vel.mul_(self.momentum).add_(step, alpha=-self.lr)
+            param.add_(vel)
+
+    @torch.no_grad()
+    def rows(self, name: str, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Update ``param[rows]`` with ``grad`` (one row per *distinct* index in ``rows``)."""
+        acc, vel = self._state(name, param)
+        acc_rows = acc.index_select(0, rows).addcmul_(grad, grad)
+        acc.index_copy_(0, rows, acc_rows)
+        step = grad * torch.rsqrt(acc_rows + self.eps)
+        if vel is None:
+            param.index_add_(0, rows, step, alpha=-self.lr)
+        else:
+            vel_rows = vel.index_select(0, rows).mul_(self.momentum).add_(step, alpha=-self.lr)
+            vel.index_copy_(0, rows, vel_rows)
+            param.index_add_(0, rows, vel_rows)
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"acc": dict(self.acc), "vel": dict(self.vel)}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        self.acc = dict(state["acc"])
+        self.vel = dict(state["vel"])

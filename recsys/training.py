@@ -1,0 +1,286 @@
+"""The GRU4Rec training loop: session-parallel steps, sampled negatives, row-sparse updates.
+
+Per step: gather the item rows the step touches (inputs, targets, shared samples) once, run one
+GRU step, score targets + samples, backpropagate through this step only (hidden values carry
+over, gradients do not), and update just those rows. After every epoch a checkpoint with the
+model, the optimiser and every random state is written atomically, so ``resume`` continues
+exactly where an uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from recsys.atomic import atomic_path
+from recsys.config import ModelConfig, TrainConfig
+from recsys.data.batching import SessionArrays, session_arrays, session_parallel_batches
+from recsys.data.schema import ITEM_IDX
+from recsys.errors import RecsysError
+from recsys.model.gru4rec import GRU4Rec
+from recsys.model.losses import bpr_max, cross_entropy, top1_max
+from recsys.model.optimizer import RowAdagradM
+from recsys.model.sampling import SampleStore
+from recsys.progress import Progress
+
+CHECKPOINT = "last.pt"
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RecsysError(
+            "train.device is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'"
+        )
+    return torch.device(name)
+
+
+def item_support(events: pl.DataFrame, n_items: int) -> torch.Tensor:
+    """Click counts per item index (popularity for sampling and logQ)."""
+    counts = np.bincount(events[ITEM_IDX].to_numpy(), minlength=n_items)
+    return torch.from_numpy(counts.astype(np.float64))
+
+
+@dataclass
+class Trainer:
+    """Holds everything one training run mutates; ``run_epoch`` is the hot loop."""
+
+    model: GRU4Rec
+    config: TrainConfig
+    support: torch.Tensor
+    device: torch.device
+    optimizer: RowAdagradM = field(init=False)
+    sampler: SampleStore = field(init=False)
+    log_pop: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.optimizer = RowAdagradM(cfg.learning_rate, cfg.momentum)
+        self.sample_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.sampler = SampleStore(
+            self.support,
+            cfg.n_sample,
+            cfg.sample_alpha,
+            cfg.sample_store_size or cfg.n_sample * 64,
+            self.sample_gen,
+            self.device,
+        )
+        self.log_pop = torch.log(self.support.clamp_min(1).to(torch.float32)).to(self.device)
+        self.loss_name = cfg.loss
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def _loss(self, scores: torch.Tensor, out_idx: torch.Tensor, n_targets: int) -> torch.Tensor:
+        cfg = self.config
+        if self.loss_name == "cross-entropy":
+            shift = None
+            if cfg.logq > 0:
+                logp = self.log_pop[out_idx].clone()  # (B + n_sample,)
+                logp[n_targets:] *= cfg.sample_alpha
+                shift = cfg.logq * logp
+            return cross_entropy(scores, shift)
+        if self.loss_name == "bpr-max":
+            return bpr_max(scores, cfg.bpreg, cfg.elu_param)
+        return top1_max(scores)
+
+    def train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, hidden: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model = self.model
+        b = len(targets)
+        samples = self.sampler.draw()
+        out_idx = torch.cat((targets, samples))  # (B + n_sample,)
+        if model.mode == "shared":
+            rows, inv = torch.unique(torch.cat((inputs, out_idx)), return_inverse=True)
+            item_rows = model.item_out.detach()[rows].requires_grad_()  # (U, H)
+            x = item_rows[inv[:b]]  # (B, H)
+            w_out = item_rows[inv[b:]]  # (B + n_sample, H)
+            out_rows, out_inv = rows, inv[b:]
+            in_rows = None
+        else:
+            out_rows, out_inv = torch.unique(out_idx, return_inverse=True)
+            item_rows = model.item_out.detach()[out_rows].requires_grad_()
+            w_out = item_rows[out_inv]
+            in_rows, in_inv = torch.unique(inputs, return_inverse=True)
+            in_table = model.item_in.detach()[in_rows].requires_grad_()  # type: ignore[union-attr]
+            x = in_table[in_inv]
+        bias_rows = model.item_bias.detach()[out_rows].requires_grad_()
+        out, hidden = model.step(x, hidden, train=True)  # (B, H)
+        scores = torch.addmm(bias_rows[out_inv], out, w_out.t())  # (B, B + n_sample)
+        loss = self._loss(scores, out_idx, b) / self.config.batch_size
+        loss.backward()
+
+        opt = self.optimizer
+        for i, p in enumerate(model.dense_parameters()):
+            assert p.grad is not None
+            opt.dense(f"dense{i}", p.data, p.grad)
+            p.grad = None
+        opt.rows("item_out", model.item_out.data, out_rows, item_rows.grad)  # type: ignore[arg-type]
+        opt.rows("item_bias", model.item_bias.data, out_rows, bias_rows.grad)  # type: ignore[arg-type]
+        if in_rows is not None:
+            opt.rows("item_in", model.item_in.data, in_rows, in_table.grad)  # type: ignore[union-attr,arg-type]
+        return loss.detach(), [h.detach() for h in hidden]
+
+    # --- one epoch --------------------------------------------------------------------------
+
+    def run_epoch(self, data: SessionArrays, epoch: int, label: str = "train") -> dict[str, Any]:
+        cfg = self.config
+        model = self.model
+        model.train()
+        hidden = model.init_hidden(min(cfg.batch_size, max(1, data.n_sessions)))
+        losses = torch.zeros((), dtype=torch.float64)
+        events = 0
+        steps = 0
+        start = time.perf_counter()
+        bar = Progress(data.n_events, f"{label} epoch {epoch + 1}/{cfg.epochs}", unit="ev")
+        try:
+            for step in session_parallel_batches(data, cfg.batch_size):
+                if step.keep is not None:
+                    keep = torch.from_numpy(step.keep).to(self.device)
+                    hidden = [h.index_select(0, keep) for h in hidden]
+                if step.reset.any():
+                    reset = torch.from_numpy(step.reset).to(self.device)
+                    for h in hidden:
+                        h[reset] = 0.0
+                b = len(step.targets)
+                if cfg.n_sample == 0 and b < 2:
+                    break  # no negative left to rank against (only one session remains)
+                inputs = torch.from_numpy(step.inputs).to(self.device)
+                targets = torch.from_numpy(step.targets).to(self.device)
+                loss, hidden = self.train_step(inputs, targets, hidden)
+                value = float(loss)
+                if not np.isfinite(value):
+                    raise RecsysError(
+                        f"training diverged: the loss became {value} in epoch {epoch + 1}, step "
+                        f"{steps + 1}; lower train.learning_rate (now {cfg.learning_rate}) or "
+                        f"check the data"
+                    )
+                losses += value * cfg.batch_size
+                events += b
+                steps += 1
+                if steps % 50 == 0:
+                    bar.update(events - bar.count, loss=float(losses) / max(events, 1))
+                if cfg.max_steps and steps >= cfg.max_steps:
+                    break
+        finally:
+            bar.update(events - bar.count, loss=float(losses) / max(events, 1))
+            bar.close()
+        seconds = time.perf_counter() - start
+        return {
+            "epoch": epoch + 1,
+            "loss": float(losses) / max(events, 1),
+            "events": events,
+            "steps": steps,
+            "seconds": seconds,
+            "events_per_second": events / seconds if seconds > 0 else 0.0,
+        }
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_state(self, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "history": history,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state(),
+            "sample_rng": self.sample_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+        }
+
+    def load_checkpoint(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(
+            {k: {n: t.to(self.device) for n, t in v.items()} for k, v in state["optimizer"].items()}
+        )
+        self.sampler.load_state(state["sampler"])
+        self.sample_gen.set_state(state["sample_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+@dataclass
+class TrainResult:
+    model: GRU4Rec
+    history: list[dict[str, Any]]
+    seconds: float
+    resumed_from: int = 0
+
+
+def _fingerprint(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, n_items: int, n_events: int
+) -> str:
+    return f"{model_cfg.model_dump_json()}|{train_cfg.model_dump_json()}|{n_items}|{n_events}"
+
+
+def train_gru4rec(
+    train: pl.DataFrame,
+    n_items: int,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    epochs: int | None = None,
+    on_epoch: EpochCallback | None = None,
+    validate: Callable[[GRU4Rec], float] | None = None,
+    stop: Callable[[list[dict[str, Any]]], bool] | None = None,
+) -> TrainResult:
+    """Train GRU4Rec on prepared train events (ordered by session start).
+
+    ``epochs`` overrides the config's count (early stopping's refit). ``validate`` returns a
+    metric after each epoch (higher is better) that is added to the epoch's record; ``stop``
+    ends training early when it returns True for the history so far.
+    """
+    cfg = train_config
+    n_epochs = epochs if epochs is not None else cfg.epochs
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = session_arrays(train)
+    if data.n_events == 0:
+        raise RecsysError("the train split has no session with at least two clicks to learn from")
+    model = GRU4Rec(n_items, model_config, seed=cfg.seed).to(device)
+    trainer = Trainer(model, cfg, item_support(train, n_items), device)
+    history: list[dict[str, Any]] = []
+    first_epoch = 0
+    key = _fingerprint(model_config, cfg, n_items, data.n_events)
+    ckpt_path = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state.get("key") != key:
+            raise RecsysError(
+                f"{ckpt_path}: the checkpoint was written for another config or dataset; "
+                f"remove it or train without --resume"
+            )
+        trainer.load_checkpoint(state)
+        history = list(state["history"])
+        first_epoch = int(state["epoch"])
+    start = time.perf_counter()
+    for epoch in range(first_epoch, n_epochs):
+        record = trainer.run_epoch(data, epoch)
+        if validate is not None:
+            record["valid_metric"] = validate(model)
+        history.append(record)
+        if ckpt_path is not None:
+            state = trainer.checkpoint_state(epoch + 1, history)
+            state["key"] = key
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(state, tmp)
+        if on_epoch is not None:
+            on_epoch(record)
+        if stop is not None and stop(history):
+            break
+    model.eval()
+    return TrainResult(model, history, time.perf_counter() - start, resumed_from=first_epoch)
