@@ -50,6 +50,14 @@ def item_support(events: pl.DataFrame, n_items: int) -> torch.Tensor:
     return torch.from_numpy(counts.astype(np.float64))
 
 
+def reset_slots(
+    hidden: list[torch.Tensor], reset: np.ndarray, device: torch.device
+) -> list[torch.Tensor]:
+    """Zero the hidden state of slots that start a new session (a multiply, not a scatter)."""
+    keep = torch.from_numpy(~reset).to(device=device, dtype=torch.float32).unsqueeze(1)  # (B, 1)
+    return [h * keep for h in hidden]
+
+
 @dataclass
 class Trainer:
     """Holds everything one training run mutates; ``run_epoch`` is the hot loop."""
@@ -101,21 +109,20 @@ class Trainer:
         out_idx = torch.cat((targets, samples))  # (B + n_sample,)
         if model.mode == "shared":
             rows, inv = torch.unique(torch.cat((inputs, out_idx)), return_inverse=True)
-            item_rows = model.item_out.detach()[rows].requires_grad_()  # (U, H)
-            x = item_rows[inv[:b]]  # (B, H)
-            w_out = item_rows[inv[b:]]  # (B + n_sample, H)
+            item_rows = model.item_out.detach().index_select(0, rows).requires_grad_()  # (U, H)
+            x = item_rows.index_select(0, inv[:b])  # (B, H)
             out_rows, out_inv = rows, inv[b:]
             in_rows = None
         else:
             out_rows, out_inv = torch.unique(out_idx, return_inverse=True)
-            item_rows = model.item_out.detach()[out_rows].requires_grad_()
-            w_out = item_rows[out_inv]
+            item_rows = model.item_out.detach().index_select(0, out_rows).requires_grad_()
             in_rows, in_inv = torch.unique(inputs, return_inverse=True)
-            in_table = model.item_in.detach()[in_rows].requires_grad_()  # type: ignore[union-attr]
-            x = in_table[in_inv]
-        bias_rows = model.item_bias.detach()[out_rows].requires_grad_()
+            in_table = model.item_in.detach().index_select(0, in_rows).requires_grad_()  # type: ignore[union-attr]
+            x = in_table.index_select(0, in_inv)
+        w_out = item_rows.index_select(0, out_inv)  # (B + n_sample, H)
+        bias_rows = model.item_bias.detach().index_select(0, out_rows).requires_grad_()
         out, hidden = model.step(x, hidden, train=True)  # (B, H)
-        scores = torch.addmm(bias_rows[out_inv], out, w_out.t())  # (B, B + n_sample)
+        scores = torch.addmm(bias_rows.index_select(0, out_inv), out, w_out.t())  # (B, B + n_sample)
         loss = self._loss(scores, out_idx, b) / self.config.batch_size
         loss.backward()
 
@@ -148,9 +155,7 @@ class Trainer:
                     keep = torch.from_numpy(step.keep).to(self.device)
                     hidden = [h.index_select(0, keep) for h in hidden]
                 if step.reset.any():
-                    reset = torch.from_numpy(step.reset).to(self.device)
-                    for h in hidden:
-                        h[reset] = 0.0
+                    hidden = reset_slots(hidden, step.reset, self.device)
                 b = len(step.targets)
                 if cfg.n_sample == 0 and b < 2:
                     break  # no negative left to rank against (only one session remains)

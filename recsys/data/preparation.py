@@ -39,7 +39,7 @@ from recsys.data.sources import read_events
 from recsys.errors import RecsysError
 from recsys.progress import step
 
-PREPARATION_VERSION = 1  # bump when the protocol changes, so cached outputs are redone
+PREPARATION_VERSION = 2  # bump when the protocol changes, so cached outputs are redone
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ class PreparedDataset:
         return self.items.height
 
     def split(self, name: str) -> pl.DataFrame:
-        return {TRAIN: self.train, TEST: self.test, TRAIN_TR: self.train_tr, VALID: self.valid}[name]
+        return {TRAIN: self.train, TEST: self.test, TRAIN_TR: self.train_tr, VALID: self.valid}[
+            name
+        ]
 
 
 # --- the protocol, one function per step ------------------------------------------------------
@@ -250,6 +252,7 @@ def is_up_to_date(config: Config) -> bool:
     except json.JSONDecodeError:
         return False
     files = [config.prepared_dir / split_file(s) for s in (TRAIN, TEST, TRAIN_TR, VALID)]
+    files.append(config.prepared_dir / ITEMS_FILE)
     return stats.get("cache_key") == cache_key(config) and all(f.exists() for f in files)
 
 
@@ -258,9 +261,13 @@ def prepare_events(events: pl.LazyFrame, prep: PreparationConfig, origin: str) -
     dropped: dict[str, Any] = {}
     counts: dict[str, int] = {}
     with step("  reading and sorting"):
-        schema = events.collect_schema().names()
-        has_given_split = SPLIT in schema
-        raw = events.collect(engine="streaming")
+        try:
+            has_given_split = SPLIT in events.collect_schema().names()
+            _check_split_mode(prep, has_given_split, origin)
+            raw = events.collect(engine="streaming")
+        except pl.exceptions.PolarsError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise RecsysError(f"{origin}: could not read the events: {first}") from None
         counts["raw_events"] = raw.height
         if raw.height == 0:
             raise RecsysError(f"{origin}: no events to prepare (the input has no rows)")
@@ -268,17 +275,20 @@ def prepare_events(events: pl.LazyFrame, prep: PreparationConfig, origin: str) -
         dropped["missing_values"] = raw.height - complete.height
         del raw
         ordered = sort_events(complete.lazy()).collect(engine="streaming")
+        del complete
     if prep.dedup_consecutive:
         deduped = drop_consecutive_repeats(ordered.lazy()).collect(engine="streaming")
         dropped["consecutive_repeats"] = ordered.height - deduped.height
     else:
         deduped = ordered
         dropped["consecutive_repeats"] = 0
+    del ordered
     counts["after_cleaning"] = deduped.height
     with step("  filtering sessions and items"):
         filtered, rounds = filter_sessions_and_items(
             deduped, prep.min_session_length, prep.min_item_support, prep.iterate_filters
         )
+    del deduped
     dropped["filter_rounds"] = rounds
     dropped["short_sessions"] = sum(r["short_sessions"] for r in rounds)
     dropped["rare_items"] = sum(r["rare_items"] for r in rounds)
@@ -291,25 +301,27 @@ def prepare_events(events: pl.LazyFrame, prep: PreparationConfig, origin: str) -
         )
 
     with step("  splitting"):
+        t_split: datetime | None = None
+        t_split_valid: datetime | None = None
         if prep.split == "given":
-            if not has_given_split:
-                raise RecsysError(
-                    f"{origin}: data.preparation.split is 'given' but the source has no split column"
-                )
             train, test, split_drops = given_split(filtered, prep.min_session_length)
-            test_raw = filtered.filter(pl.col(SPLIT) == "test")
-            t_split = None
-            train_tr, valid = last_sessions_split(train, prep.valid_fraction, prep.min_session_length)
-            t_split_valid = None
+            test_raw = filtered.filter(pl.col(SPLIT) == "test").drop(SPLIT)
+            train_tr, valid = last_sessions_split(
+                train, prep.valid_fraction, prep.min_session_length
+            )
+            valid_raw = train.filter(pl.col(SESSION).is_in(valid[SESSION].unique().implode()))
         else:
-            base = filtered.drop(SPLIT) if has_given_split else filtered
-            t_split = _split_time(base, prep)
-            train, test, split_drops = time_split(base, t_split, prep.min_session_length)
-            test_raw = base.filter(pl.col(TIME).min().over(SESSION) >= t_split)
-            t_split_valid = train[TIME].max() - timedelta(days=prep.test_days)  # type: ignore[operator]
+            t_split = _split_time(filtered, prep)
+            train, test, split_drops = time_split(filtered, t_split, prep.min_session_length)
+            test_raw = filtered.filter(pl.col(TIME).min().over(SESSION) >= t_split)
+            # The same window once more, ending where test begins (the references' 2N days).
+            t_split_valid = t_split - timedelta(days=prep.test_days)
             train_tr, valid, _ = time_split(train, t_split_valid, prep.min_session_length)
+            valid_raw = train.filter(pl.col(TIME).min().over(SESSION) >= t_split_valid)
         dropped.update(split_drops)
-        dropped.update(_split_dropped(test_raw.drop(SPLIT, strict=False), train, prep.min_session_length))
+        dropped.update(_split_dropped(test_raw, train, prep.min_session_length))
+        valid_drops = _split_dropped(valid_raw, train_tr, prep.min_session_length)
+        dropped.update({k.replace("test_", "valid_"): v for k, v in valid_drops.items()})
     if train.height == 0:
         raise RecsysError(f"{origin}: the train split is empty (split time {t_split})")
     if test.height == 0:
@@ -345,6 +357,20 @@ def prepare_events(events: pl.LazyFrame, prep: PreparationConfig, origin: str) -
     return PreparedDataset(items=items, stats=stats, **splits)
 
 
+def _check_split_mode(prep: PreparationConfig, has_given_split: bool, origin: str) -> None:
+    """A given split needs a split column; a time split needs real timestamps."""
+    if prep.split == "given" and not has_given_split:
+        raise RecsysError(
+            f"{origin}: data.preparation.split is 'given' but the source has no split column "
+            f"(only srgnn_tsv has one); use split: time"
+        )
+    if prep.split == "time" and has_given_split:
+        raise RecsysError(
+            f"{origin}: data.preparation.split is 'time' but this source has no real timestamps "
+            f"(its train/test split is given); use split: given"
+        )
+
+
 def _split_time(events: pl.DataFrame, prep: PreparationConfig) -> datetime:
     if prep.split_time:
         try:
@@ -354,7 +380,7 @@ def _split_time(events: pl.DataFrame, prep: PreparationConfig) -> datetime:
                 f"data.preparation.split_time: expected an ISO time such as 2016-05-25T00:00:00, "
                 f"got {prep.split_time!r}"
             ) from None
-        return t if t.tzinfo else t.replace(tzinfo=UTC)
+        return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
     t_max: datetime = events[TIME].max()  # type: ignore[assignment]
     return t_max - timedelta(days=prep.test_days)
 
@@ -372,14 +398,14 @@ def prepare(config: Config, force: bool = False) -> tuple[dict[str, Any], bool]:
     dataset = prepare_events(read_events(config.data.source), config.data.preparation, origin)
     stats = dict(dataset.stats)
     stats["cache_key"] = cache_key(config)
-    stats["seconds"] = round(time.perf_counter() - start, 3)
     with atomic_directory(out) as tmp:
         for name in (TRAIN, TEST, TRAIN_TR, VALID):
             dataset.split(name).write_parquet(tmp / split_file(name), statistics=False)
         dataset.items.write_parquet(tmp / ITEMS_FILE, statistics=False)
         stats["fingerprint"] = data_fingerprint(tmp)
         write_json(tmp / STATS_FILE, stats)
-    return stats, True
+    # Timing is returned to the caller but not written: stats.json must be reproducible.
+    return stats | {"seconds": round(time.perf_counter() - start, 3)}, True
 
 
 def data_fingerprint(directory: Path) -> str:

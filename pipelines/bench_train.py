@@ -1,0 +1,116 @@
+"""Training throughput of GRU4Rec on the Diginetica train split (43,097 items).
+
+Two settings, a fixed number of steps each (after a short warm-up):
+(a) 100 units, batch 32, 2048 samples, cross-entropy + logQ, shared embedding;
+(b) the published Diginetica setting: BPR-max, 512 units, batch 128, dropout 0.5/0.3,
+    lr 0.05, momentum 0.15, 2048 samples, alpha 0.3, bpreg 0.9, ELU 1.
+Without ../shared/data, a synthetic log of the same catalogue size stands in (said in the note).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from recsys.config import ModelConfig, PreparationConfig, SourceConfig, TrainConfig
+from recsys.data.batching import session_arrays, session_parallel_batches
+from recsys.data.preparation import PreparedDataset, prepare_events
+from recsys.data.sources import read_events
+from recsys.data.synthetic import SyntheticConfig
+from recsys.model.gru4rec import GRU4Rec
+from recsys.training import Trainer, item_support, reset_slots
+
+DIGINETICA = (
+    Path(__file__).resolve().parent.parent.parent / "shared/data/diginetica/diginetica_sessions.tsv"
+)
+
+SETTINGS: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    "a: 100 units, batch 32, XE+logQ": (
+        ModelConfig(layers=[100], embedding="shared"),
+        TrainConfig(
+            loss="cross-entropy",
+            batch_size=32,
+            n_sample=2048,
+            sample_alpha=0.5,
+            logq=1.0,
+            learning_rate=0.1,
+            sample_store_size=2_000_000,
+        ),
+    ),
+    "b: Diginetica BPR-max, 512 units, batch 128": (
+        ModelConfig(layers=[512], embedding="shared", dropout_embed=0.5, dropout_hidden=0.3),
+        TrainConfig(
+            loss="bpr-max",
+            batch_size=128,
+            learning_rate=0.05,
+            momentum=0.15,
+            n_sample=2048,
+            sample_alpha=0.3,
+            bpreg=0.9,
+            elu_param=1.0,
+            sample_store_size=2_000_000,
+        ),
+    ),
+}
+
+
+def load_train() -> tuple[PreparedDataset, str]:
+    if DIGINETICA.exists():
+        source = SourceConfig(format="srgnn_tsv", path=DIGINETICA)
+        prep = PreparationConfig(dedup_consecutive=False, min_item_support=1, split="given")
+        return prepare_events(read_events(source), prep, str(DIGINETICA)), "Diginetica train split"
+    synth = SyntheticConfig(n_items=43_097, n_sessions=190_000)
+    source = SourceConfig(format="synthetic", synthetic=synth)
+    return prepare_events(
+        read_events(source), PreparationConfig(), "synthetic"
+    ), "synthetic stand-in"
+
+
+def time_steps(
+    data: pl.DataFrame, n_items: int, model_cfg: ModelConfig, train_cfg: TrainConfig, steps: int
+) -> dict[str, Any]:
+    """Events/s of ``steps`` training steps after 20 warm-up steps."""
+    torch.manual_seed(0)
+    arrays = session_arrays(data)
+    model = GRU4Rec(n_items, model_cfg, seed=0)
+    trainer = Trainer(model, train_cfg, item_support(data, n_items), torch.device("cpu"))
+    trainer.sampler.draw()  # fill the sample store outside the timed part
+    hidden = model.init_hidden(train_cfg.batch_size)
+    events = 0
+    start = 0.0
+    for i, step in enumerate(session_parallel_batches(arrays, train_cfg.batch_size)):
+        if i == 20:
+            start = time.perf_counter()
+            events = 0
+        if i == 20 + steps:
+            break
+        if step.keep is not None:
+            hidden = [h[torch.from_numpy(step.keep)] for h in hidden]
+        if step.reset.any():
+            hidden = reset_slots(hidden, step.reset, torch.device("cpu"))
+        _, hidden = trainer.train_step(
+            torch.from_numpy(step.inputs), torch.from_numpy(step.targets), hidden
+        )
+        events += len(step.targets)
+    seconds = time.perf_counter() - start
+    return {"events_per_s": round(events / seconds), "seconds": round(seconds, 2), "steps": steps}
+
+
+def bench_train(quick: bool) -> list[dict[str, Any]]:
+    dataset, origin = load_train()
+    rows = []
+    for name, (model_cfg, train_cfg) in SETTINGS.items():
+        steps = 100 if quick else 600
+        result = time_steps(dataset.train, dataset.n_items, model_cfg, train_cfg, steps)
+        rows.append(
+            {
+                "case": f"train {name}",
+                **result,
+                "note": f"{origin}, {dataset.n_items:,} items, {torch.get_num_threads()} threads",
+            }
+        )
+    return rows

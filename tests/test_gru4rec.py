@@ -1,0 +1,207 @@
+"""GRU4Rec's parts against hand computations: losses, optimiser, sampler, embedding modes, files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys.config import ModelConfig, TrainConfig
+from recsys.errors import RecsysError
+from recsys.model.gru4rec import GRU4Rec
+from recsys.model.losses import bpr_max, cross_entropy, top1_max
+from recsys.model.optimizer import RowAdagradM
+from recsys.model.sampling import SampleStore
+from recsys.training import Trainer
+
+SCORES = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])  # B=2 rows, 2 in-batch + 1 sample
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_cross_entropy_by_hand() -> None:
+    expected = 0.0
+    for i, row in enumerate(SCORES.tolist()):
+        expected -= row[i] - math.log(sum(math.exp(v) for v in row))
+    assert float(cross_entropy(SCORES)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_cross_entropy_logq_shifts_every_column() -> None:
+    shift = torch.tensor([0.3, -0.2, 1.0])
+    expected = 0.0
+    for i, row in enumerate(SCORES.tolist()):
+        shifted = [v - s for v, s in zip(row, shift.tolist(), strict=True)]
+        expected -= shifted[i] - math.log(sum(math.exp(v) for v in shifted))
+    assert float(cross_entropy(SCORES, shift)) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("elu", [0.0, 1.0])
+def test_bpr_max_by_hand(elu: float) -> None:
+    bpreg = 0.7
+    expected = 0.0
+    for i, raw in enumerate(SCORES.tolist()):
+        row = [v if (elu == 0 or v > 0) else elu * (math.exp(v) - 1) for v in raw]
+        negs = [j for j in range(len(row)) if j != i]
+        z = sum(math.exp(row[j]) for j in negs)
+        s = {j: math.exp(row[j]) / z for j in negs}
+        ranking = sum(s[j] * _sigmoid(row[i] - row[j]) for j in negs)
+        expected += -math.log(ranking) + bpreg * sum(s[j] * row[j] ** 2 for j in negs)
+    assert float(bpr_max(SCORES, bpreg, elu)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_top1_max_by_hand() -> None:
+    expected = 0.0
+    for i, row in enumerate(SCORES.tolist()):
+        negs = [j for j in range(len(row)) if j != i]
+        z = sum(math.exp(row[j]) for j in negs)
+        for j in negs:
+            s = math.exp(row[j]) / z
+            expected += s * (_sigmoid(row[j] - row[i]) + _sigmoid(row[j] ** 2))
+    assert float(top1_max(SCORES)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_row_adagrad_momentum_by_hand() -> None:
+    opt = RowAdagradM(learning_rate=0.1, momentum=0.5, eps=1e-6)
+    param = torch.arange(12, dtype=torch.float32).view(4, 3)
+    before = param.clone()
+    rows = torch.tensor([2, 0])
+    g1 = torch.tensor([[1.0, -2.0, 0.5], [0.1, 0.0, 3.0]])
+    opt.rows("w", param, rows, g1)
+    # acc = g², v = -lr g / sqrt(acc + eps), p += v
+    acc1 = g1**2
+    v1 = -0.1 * g1 / torch.sqrt(acc1 + 1e-6)
+    assert torch.allclose(param[rows], before[rows] + v1)
+    assert torch.equal(param[[1, 3]], before[[1, 3]])  # untouched rows stay as they were
+    g2 = torch.tensor([[0.5, 0.5, 0.5]])
+    opt.rows("w", param, torch.tensor([2]), g2)
+    acc2 = acc1[0] + g2[0] ** 2
+    v2 = 0.5 * v1[0] - 0.1 * g2[0] / torch.sqrt(acc2 + 1e-6)
+    assert torch.allclose(param[2], before[2] + v1[0] + v2)
+    assert torch.allclose(
+        param[0], before[0] + v1[1]
+    )  # row 0 not used in step 2: no momentum drift
+
+
+def test_dense_adagrad_without_momentum() -> None:
+    opt = RowAdagradM(learning_rate=0.5)
+    p = torch.ones(3)
+    g = torch.tensor([1.0, 2.0, -4.0])
+    opt.dense("p", p, g)
+    assert torch.allclose(p, 1 - 0.5 * g / torch.sqrt(g**2 + 1e-6))
+
+
+def test_sampler_follows_popularity_power_alpha() -> None:
+    support = torch.tensor([1000.0, 300.0, 100.0, 30.0, 10.0, 1.0])
+    alpha = 0.5
+    store = SampleStore(support, 1000, alpha, 200_000, torch.Generator().manual_seed(7))
+    draws = torch.cat([store.draw() for _ in range(400)])  # 400k samples, with refills
+    counts = torch.bincount(draws, minlength=6).double()
+    expected = support.double() ** alpha
+    expected = expected / expected.sum() * len(draws)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # chi-square, 5 degrees of freedom, p = 0.001
+
+
+def test_sampler_state_continues_the_same_sequence() -> None:
+    support = torch.arange(1, 50, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    a = SampleStore(support, 8, 0.7, 64, gen)
+    first = [a.draw() for _ in range(5)]
+    state, rng = a.state(), gen.get_state()
+    rest = [a.draw() for _ in range(20)]
+    gen2 = torch.Generator()
+    gen2.set_state(rng)
+    b = SampleStore(support, 8, 0.7, 64, gen2)
+    b.load_state(state)
+    assert first
+    assert all(torch.equal(x, y) for x, y in zip(rest, [b.draw() for _ in range(20)], strict=True))
+
+
+def test_shared_embedding_ties_input_and_output_vectors() -> None:
+    model = GRU4Rec(20, ModelConfig(layers=[8], embedding="shared"))
+    assert model.input_table() is model.item_out
+    trainer = Trainer(
+        model, TrainConfig(n_sample=4, sample_store_size=40), torch.ones(20), torch.device("cpu")
+    )
+    before = model.item_out.detach().clone()
+    inputs = torch.tensor([3, 4])
+    targets = torch.tensor([5, 6])
+    trainer.train_step(inputs, targets, model.init_hidden(2))
+    changed = (model.item_out.detach() != before).any(1)
+    assert changed[3] and changed[4]  # rows used only as inputs were updated too: one matrix
+
+
+@pytest.mark.parametrize("embedding", ["shared", "separate", "none"])
+def test_a_step_changes_only_the_rows_it_used(embedding: str) -> None:
+    n = 200
+    model = GRU4Rec(n, ModelConfig(layers=[6, 5], embedding=embedding, embedding_dim=7))
+    cfg = TrainConfig(n_sample=3, sample_store_size=30, momentum=0.3)
+    trainer = Trainer(model, cfg, torch.ones(n), torch.device("cpu"))
+    tables = {"out": model.item_out, "bias": model.item_bias}
+    if model.item_in is not None:
+        tables["in"] = model.item_in
+    before = {k: v.detach().clone() for k, v in tables.items()}
+    gru_before = [p.detach().clone() for p in model.dense_parameters()]
+    samples = trainer.sampler._store  # noqa: SLF001 - peek at what the step will draw
+    inputs, targets = torch.tensor([1, 2]), torch.tensor([10, 11])
+    hidden = [
+        torch.rand(2, h) for h in model.layers
+    ]  # mid-session state: every GRU weight gets a gradient
+    trainer.train_step(inputs, targets, hidden)
+    drawn = (
+        set(trainer.sampler._store[0].tolist()) if len(samples) == 0 else set(samples[0].tolist())
+    )
+    used_out = {10, 11} | drawn
+    used_in = {1, 2}
+    for name, table in tables.items():
+        diff = (table.detach() != before[name]).reshape(n, -1).any(1)
+        changed = set(torch.nonzero(diff).flatten().tolist())
+        allowed = (
+            used_in | used_out
+            if embedding == "shared" and name == "out"
+            else (used_in if name == "in" else used_out)
+        )
+        assert changed <= allowed, name
+        assert changed, name
+    assert all(
+        not torch.equal(a, p.detach())
+        for a, p in zip(gru_before, model.dense_parameters(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("embedding", ["shared", "separate", "none"])
+def test_multilayer_shapes_and_uniform_init(embedding: str) -> None:
+    model = GRU4Rec(100, ModelConfig(layers=[16, 8], embedding=embedding, embedding_dim=12))
+    out, hidden = model.step(
+        model.input_table()[torch.tensor([1, 2, 3])], model.init_hidden(3), train=False
+    )
+    assert out.shape == (3, 8)
+    assert [h.shape for h in hidden] == [(3, 16), (3, 8)]
+    bound = math.sqrt(6 / (16 + 16))
+    assert float(model.w_hh[0].abs().max()) <= bound
+    assert float(model.item_bias.abs().max()) == 0.0
+
+
+def test_save_and_load_with_weights_only(tmp_path: Path) -> None:
+    model = GRU4Rec(30, ModelConfig(layers=[8]))
+    path = tmp_path / "m.pt"
+    model.save(path, {"item_ids": list(range(100, 130))})
+    payload = torch.load(path, weights_only=True)  # nothing but tensors and plain values
+    assert payload["item_ids"][0] == 100
+    loaded, _ = GRU4Rec.load(path)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_loading_a_foreign_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.ones(2)}, path)
+    with pytest.raises(RecsysError, match="not a recsys GRU4Rec model file"):
+        GRU4Rec.load(path)
+    path.write_text("garbage")
+    with pytest.raises(RecsysError, match="not a loadable"):
+        GRU4Rec.load(path)

@@ -1,0 +1,146 @@
+"""Training behaviour: it learns, it is reproducible, it resumes exactly, it fails clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys.config import ModelConfig, TrainConfig, config_from_dict
+from recsys.data.preparation import load_prepared, prepare
+from recsys.errors import RecsysError
+from recsys.evaluation import evaluate
+from recsys.model.recommender import GRU4RecRecommender
+from recsys.training import CHECKPOINT, train_gru4rec
+from tests.conftest import shared_path, tiny_config
+
+
+def deterministic_log(n_items: int = 30, n_sessions: int = 600, seed: int = 0) -> pl.DataFrame:
+    """Every item has exactly one successor: (i * 7 + 3) mod n. A model must learn it."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_sessions):
+        item = int(rng.integers(n_items))
+        for t in range(int(rng.integers(2, 8))):
+            rows.append((s, item, s * 100 + t))
+            item = (item * 7 + 3) % n_items
+    frame = pl.DataFrame(rows, schema=["session_id", "item_idx", "t"], orient="row")
+    return frame.with_columns(
+        pl.from_epoch("t", "s").dt.replace_time_zone("UTC").alias("timestamp")
+    )
+
+
+def small_train_config(**kw: object) -> TrainConfig:
+    base = {
+        "batch_size": 16,
+        "epochs": 1,
+        "n_sample": 16,
+        "sample_store_size": 1600,
+        "learning_rate": 0.1,
+    }
+    return TrainConfig.model_validate(base | kw)
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max", "top1-max"])
+def test_learns_deterministic_transitions(loss: str) -> None:
+    log = deterministic_log()
+    train = log.filter(pl.col("session_id") < 500)
+    test = log.filter(pl.col("session_id") >= 500)
+    cfg = small_train_config(
+        epochs=8, loss=loss, logq=1.0 if loss == "cross-entropy" else 0.0, elu_param=0.5
+    )
+    result = train_gru4rec(train, 30, ModelConfig(layers=[32]), cfg)
+    rec = GRU4RecRecommender(30, model=result.model)
+    metrics = evaluate(rec, test, cutoffs=[1], show_progress=False).metrics
+    assert metrics["recall@1"] > 0.9, metrics
+
+
+def test_same_seed_same_weights_other_seed_other_weights() -> None:
+    log = deterministic_log()
+    cfg = small_train_config()
+    model_cfg = ModelConfig(layers=[16], dropout_hidden=0.3)
+    a = train_gru4rec(log, 30, model_cfg, cfg).model.state_dict()
+    b = train_gru4rec(log, 30, model_cfg, cfg).model.state_dict()
+    c = train_gru4rec(log, 30, model_cfg, small_train_config(seed=7)).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path: Path) -> None:
+    log = deterministic_log()
+    model_cfg = ModelConfig(layers=[16], dropout_hidden=0.2, dropout_embed=0.1)
+    cfg = small_train_config(epochs=3, momentum=0.2)
+    straight = train_gru4rec(log, 30, model_cfg, cfg).model.state_dict()
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(record: dict[str, object]) -> None:
+        if record["epoch"] == 2:
+            raise Interrupt
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupt):
+        train_gru4rec(log, 30, model_cfg, cfg, checkpoint_dir=ckpt, on_epoch=stop_after_two)
+    assert (ckpt / CHECKPOINT).exists()
+    resumed = train_gru4rec(log, 30, model_cfg, cfg, checkpoint_dir=ckpt, resume=True)
+    assert resumed.resumed_from == 2
+    assert len(resumed.history) == 3
+    assert all(torch.equal(straight[k], resumed.model.state_dict()[k]) for k in straight)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path: Path) -> None:
+    log = deterministic_log()
+    train_gru4rec(log, 30, ModelConfig(layers=[8]), small_train_config(), checkpoint_dir=tmp_path)
+    with pytest.raises(RecsysError, match="another config"):
+        train_gru4rec(
+            log,
+            30,
+            ModelConfig(layers=[9]),
+            small_train_config(),
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 500])
+def test_any_batch_size_against_few_sessions(batch_size: int) -> None:
+    log = deterministic_log(n_sessions=3)
+    result = train_gru4rec(
+        log, 30, ModelConfig(layers=[8]), small_train_config(batch_size=batch_size)
+    )
+    assert result.history[0]["events"] == log.height - 3
+
+
+def test_no_extra_samples_and_a_single_session_still_trains() -> None:
+    log = deterministic_log(n_sessions=5)
+    result = train_gru4rec(
+        log, 30, ModelConfig(layers=[8]), small_train_config(n_sample=0, batch_size=4)
+    )
+    assert result.history[0]["events"] > 0
+
+
+def test_diverging_loss_stops_with_a_clear_message() -> None:
+    log = deterministic_log()
+    cfg = small_train_config(learning_rate=1e30, loss="bpr-max", epochs=3)
+    with pytest.raises(RecsysError, match="training diverged"):
+        train_gru4rec(log, 30, ModelConfig(layers=[8]), cfg)
+
+
+def test_loss_goes_down_on_a_real_log(tmp_path: Path) -> None:
+    train_file = shared_path("yoochoose-rsc15-100k", "yoochoose-clicks-100k_train_full.txt")
+    raw = tiny_config(tmp_path)
+    raw["data"] = {
+        "source": {"format": "gru4rec_tsv", "path": str(train_file)},
+        "preparation": {"dedup_consecutive": False, "test_days": 1},
+    }
+    config = config_from_dict(raw)
+    prepare(config)
+    data = load_prepared(config.prepared_dir)
+    cfg = small_train_config(epochs=3, batch_size=32, n_sample=128, logq=1.0)
+    history = train_gru4rec(data.train, data.n_items, ModelConfig(layers=[48]), cfg).history
+    losses = [h["loss"] for h in history]
+    assert losses[-1] < losses[0] * 0.95, losses
