@@ -4,6 +4,10 @@ Input: a frame with an ``items`` column holding each session's item ids, e.g. th
 ``{"dataframe_records": [{"items": [1, 2, 3]}, {"items": [4]}], "params": {"k": 20}}``; in
 Python also a plain list of item-id lists. Output: one record per session with the top-k ``items``,
 their ``scores``, the ``unknown`` ids that were skipped and a ``fallback`` note.
+
+MLflow's signature check rejects wrongly typed bodies before ``predict`` runs; what it lets
+through but we cannot serve (k < 1, a session that is not a list) is raised as an
+``MlflowException`` so the server answers 400 with our reason instead of a 500 and a traceback.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from mlflow.pyfunc.model import PythonModel
 from recsys.errors import RecsysError
 
 SESSION_COLUMN = "items"
+DEFAULT_K = 20
+DEFAULT_THREADS = 1  # see recsys.serving.set_threads
 
 # The signature given at logging time is the contract; MLflow's nudge towards type hints is noise.
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+# Its message starts with an ANSI colour code, hence the leading ``.*``.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
 
 
 def _sessions(model_input: Any) -> list[list[Any]]:
@@ -28,9 +35,17 @@ def _sessions(model_input: Any) -> list[list[Any]]:
     except ImportError:  # pragma: no cover - pandas comes with mlflow
         pd = None
     if pd is not None and isinstance(model_input, pd.DataFrame):
-        column = SESSION_COLUMN if SESSION_COLUMN in model_input.columns else model_input.columns[0]
-        return [_as_list(v) for v in model_input[column].tolist()]
-    if isinstance(model_input, dict) and SESSION_COLUMN in model_input:
+        if SESSION_COLUMN not in model_input.columns:
+            raise RecsysError(
+                f"expected a column '{SESSION_COLUMN}' of item-id lists, "
+                f"got columns {list(model_input.columns)}"
+            )
+        return [_as_list(v) for v in model_input[SESSION_COLUMN].tolist()]
+    if isinstance(model_input, dict):
+        if SESSION_COLUMN not in model_input:
+            raise RecsysError(
+                f"expected a key '{SESSION_COLUMN}' of item-id lists, got {list(model_input)}"
+            )
         return [_as_list(v) for v in model_input[SESSION_COLUMN]]
     if isinstance(model_input, list | tuple) or hasattr(model_input, "tolist"):
         return [_as_list(v) for v in model_input]
@@ -50,20 +65,39 @@ def _as_list(value: Any) -> list[Any]:
     raise RecsysError(f"each session must be a list of item ids, got {value!r}")
 
 
+def _k(params: dict[str, Any], default: int) -> int:
+    value = params.get("k", default)
+    if hasattr(value, "item"):  # a numpy integer from MLflow's params schema
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecsysError(f"params.k must be a positive integer, got {value!r}")
+    return value
+
+
 class GRU4RecPyfunc(PythonModel):
     """Loads the weights file artifact once; scores a batch of sessions per request."""
 
     def load_context(self, context: Any) -> None:
         from recsys.serving import SessionRecommender
 
-        self.recommender = SessionRecommender.load(context.artifacts["model"])
-        self.default_k = int((context.model_config or {}).get("k", 20))
+        config = context.model_config or {}
+        self.recommender = SessionRecommender.load(
+            context.artifacts["model"], threads=int(config.get("threads", DEFAULT_THREADS))
+        )
+        self.default_k = int(config.get("k", DEFAULT_K))
 
     # No type hints on predict: MLflow would derive a (wrong) schema from them; the signature
     # given at logging time is the contract.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        """One record per session; bad requests become MLflow's 400 with our explanation."""
+        from mlflow.exceptions import MlflowException
+
         params = params or {}
-        k = int(params.get("k", self.default_k))
-        exclude = bool(params.get("exclude_seen", False))
-        sessions = _sessions(model_input)
-        return [r.as_dict() for r in self.recommender.recommend_batch(sessions, k, exclude)]
+        try:
+            k = _k(params, self.default_k)
+            exclude = bool(params.get("exclude_seen", False))
+            sessions = _sessions(model_input)
+            recs = self.recommender.recommend_batch(sessions, k, exclude)
+        except RecsysError as err:
+            raise MlflowException.invalid_parameter_value(str(err)) from None
+        return [r.as_dict() for r in recs]
