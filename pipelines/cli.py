@@ -159,7 +159,8 @@ def recommend(model_uri: str, items: str, k: int, exclude_seen: bool) -> None:
     if result.fallback:
         click.echo("no known item in the session: showing the most popular items", err=True)
     rows = [
-        {"rank": i + 1, "item_id": item, "score": score}
+        # ids as text: the table would print an integer id with thousands separators
+        {"rank": i + 1, "item_id": str(item), "score": score}
         for i, (item, score) in enumerate(zip(result.items, result.scores, strict=True))
     ]
     click.echo(format_table(rows, ["rank", "item_id", "score"]))

@@ -29,7 +29,7 @@ ITEMS = "items"
 SCORES = "scores"
 UNKNOWN = "unknown_items"
 FALLBACK = "fallback_popular"
-READ_ROWS = 50_000  # sessions per slice read from a list-form input
+READ_BATCHES = 64  # a list-form input is read in slices of this many scoring batches
 _ID_TYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
 
 
@@ -69,8 +69,12 @@ def input_layout(path: Path) -> str:
     )
 
 
-def read_sessions(path: Path, chunk_rows: int = READ_ROWS) -> tuple[int, Iterator[pl.DataFrame]]:
-    """The number of sessions and frames of (``session_id``, ``items``) in input order."""
+def read_sessions(path: Path, chunk_rows: int) -> tuple[int, Iterator[pl.DataFrame]]:
+    """The number of sessions and frames of (``session_id``, ``items``) in input order.
+
+    A list-form input is read ``chunk_rows`` sessions at a time, so memory stays bounded by
+    the slice plus the (much smaller) top-k output.
+    """
     layout = input_layout(path)
     try:
         if layout == "rows":
@@ -105,7 +109,7 @@ def score_file(
     if input_path.resolve() == output_path.resolve():
         raise RecsysError(f"{output_path}: the output would overwrite the input")
     start = time.perf_counter()
-    total, frames = read_sessions(input_path)
+    total, frames = read_sessions(input_path, batch_size * READ_BATCHES)
     session_ids: list[pl.Series] = []
     out_items: list[list[Any]] = []
     out_scores: list[list[float]] = []

@@ -73,7 +73,7 @@ class MetricAccumulator:
         if top_items is not None:
             if self.covered is None:
                 self.covered = torch.zeros(self.n_items, dtype=torch.bool)
-            self.covered[top_items.reshape(-1).cpu()] = True
+            self.covered[top_items[:, : self.coverage_k].reshape(-1).cpu()] = True
 
     def result(self) -> dict[str, float]:
         out = {key: (value / self.n if self.n else 0.0) for key, value in self.sums.items()}
@@ -165,18 +165,19 @@ def evaluate(
     total = sum(len(s) - 1 for s in sessions)
     label = f"evaluate {name or model.name}"
     bar = Progress(total, label, unit="ev") if show_progress else None
-    max_k = min(max(coverage_k, 1), model.n_items)
+    max_k = min(max(coverage_k, *cutoffs), model.n_items)
     with torch.inference_mode():
         for batch in _batches(sessions, batch_size):
-            targets = torch.from_numpy(np.concatenate([s[1:] for s in batch]))
-            scores = model.score_sessions(batch)  # (N, n_items)
             if exclude_seen:
-                scores = _exclude_seen(scores.clone(), batch)
-            ranks = target_ranks(scores, targets.to(scores.device), ties).cpu()
-            top = torch.topk(scores, max_k, dim=1).indices
+                targets = torch.from_numpy(np.concatenate([s[1:] for s in batch]))
+                scores = _exclude_seen(model.score_sessions(batch).clone(), batch)
+                ranks = target_ranks(scores, targets.to(scores.device), ties).cpu()
+                top = torch.topk(scores, max_k, dim=1).indices
+            else:
+                ranks, top = model.rank_sessions(batch, ties, max_k)
             acc.add(ranks, top)
             if bar is not None:
-                bar.update(len(targets))
+                bar.update(len(ranks))
     if bar is not None:
         bar.close()
     return EvaluationResult(

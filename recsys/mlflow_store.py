@@ -60,10 +60,10 @@ def connect() -> Any:
     from mlflow import MlflowClient
 
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
         raise RecsysError(

@@ -44,3 +44,19 @@ class Recommender(ABC):
         if not prefixes:
             return torch.empty(0, self.n_items)
         return self.score_next(prefixes)
+
+    def rank_sessions(
+        self, sessions: Sequence[np.ndarray], ties: str, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank of each next-item target and the top ``top_k`` items, for every prediction.
+
+        Ranks up to ``top_k`` must be exact; a larger rank may be reported as any value above
+        ``top_k`` (metrics only look within the cut-offs). The default scores the whole catalogue.
+        """
+        from recsys.evaluation import target_ranks
+
+        scores = self.score_sessions(sessions)  # (N, n_items)
+        targets = torch.from_numpy(np.concatenate([s[1:] for s in sessions])).to(scores.device)
+        ranks = target_ranks(scores, targets, ties)  # type: ignore[arg-type]
+        top = torch.topk(scores, min(top_k, self.n_items), dim=1).indices
+        return ranks.cpu(), top.cpu()

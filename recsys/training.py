@@ -127,9 +127,13 @@ class Trainer:
         loss.backward()
 
         opt = self.optimizer
-        for i, p in enumerate(model.dense_parameters()):
-            assert p.grad is not None
-            opt.dense(f"dense{i}", p.data, p.grad)
+        dense = model.dense_parameters()
+        opt.dense_all(
+            [f"dense{i}" for i in range(len(dense))],
+            [p.data for p in dense],
+            [p.grad for p in dense],  # type: ignore[misc]
+        )
+        for p in dense:
             p.grad = None
         opt.rows("item_out", model.item_out.data, out_rows, item_rows.grad)  # type: ignore[arg-type]
         opt.rows("item_bias", model.item_bias.data, out_rows, bias_rows.grad)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ import torch
 
 from recsys.baselines import make_baseline
 from recsys.config import ModelConfig, TrainConfig, config_from_dict
+from recsys.data.batching import session_arrays
 from recsys.data.preparation import PreparedDataset, load_prepared, prepare
 from recsys.evaluation import MetricAccumulator, evaluate, naive_evaluate, target_ranks
 from recsys.model.recommender import GRU4RecRecommender
@@ -197,3 +198,22 @@ def test_the_evaluate_step_fits_baselines_on_train_only(
         make_baseline("sr", rsc15.n_items, {}).fit(rsc15.train), leaky, show_progress=False
     )
     assert rows["sr"]["recall@1"] == by_hand.metrics["recall@1"] < 1.0
+
+
+def test_fast_ranking_equals_full_fp32_scoring(rsc15: PreparedDataset) -> None:
+    cfg = TrainConfig(batch_size=32, epochs=1, n_sample=64, sample_store_size=6400, max_steps=300)
+    model = train_gru4rec(rsc15.train, rsc15.n_items, ModelConfig(layers=[64]), cfg).model
+    rec = GRU4RecRecommender(rsc15.n_items, model=model)
+    sessions = [s for s in session_arrays(rsc15.test).sessions() if len(s) >= 2][:400]
+    for ties in ("conservative", "standard", "median"):
+        fast_ranks, fast_top = rec.rank_sessions(sessions, ties, 20)
+        rec.fast_ranking = False
+        ranks, top = rec.rank_sessions(sessions, ties, 20)
+        rec.fast_ranking = True
+        within = ranks <= 20
+        assert torch.equal(fast_ranks[within], ranks[within]), ties
+        assert bool((fast_ranks[~within] > 20).all())
+        assert torch.equal(torch.sort(fast_top, 1).values, torch.sort(top, 1).values)
+    full = evaluate(rec, rsc15.test, show_progress=False).metrics
+    rec.fast_ranking = False
+    assert full == evaluate(rec, rsc15.test, show_progress=False).metrics

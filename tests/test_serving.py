@@ -21,7 +21,8 @@ from recsys.config import Config, config_from_dict
 from recsys.data.preparation import PreparedDataset, load_prepared, prepare
 from recsys.data.schema import ITEM, ITEM_IDX, SESSION, SUPPORT
 from recsys.errors import RecsysError
-from recsys.model.recommender import GRU4RecRecommender
+from recsys.model.gru4rec import GRU4Rec
+from recsys.model.recommender import GRU4RecRecommender, pad_sessions
 from recsys.serving import LiveSessions, Recommendation, SessionRecommender
 from recsys.training import train_gru4rec
 from tests.conftest import shared_path, tiny_config
@@ -194,6 +195,67 @@ def test_recommend_batch_mixes_sessions(rec: SessionRecommender, sessions: list[
         rec.recommend(sessions[0], k=0)
 
 
+# --- the certified half-precision top-k ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fast(trained: tuple[PreparedDataset, Path]) -> SessionRecommender:
+    """The same model with the fast top-k forced on (by default only for >= 8192 items)."""
+    return SessionRecommender.load(trained[1], fast_top_k=True)
+
+
+def test_the_half_precision_error_bound_holds(
+    fast: SessionRecommender, sessions: list[list[int]]
+) -> None:
+    index = {item: i for i, item in enumerate(fast.item_ids)}
+    prefixes = [np.array([index[i] for i in s[: t + 1]]) for s in sessions for t in range(len(s))]
+    padded, lengths = pad_sessions(prefixes)
+    outs = fast.model.encode_sessions(padded, lengths)
+    last = outs[torch.arange(len(prefixes)), lengths - 1]
+    worst = 0.0
+    for row in range(len(prefixes)):
+        output = last[row : row + 1]
+        with torch.inference_mode():
+            exact = fast.model.score_all(output)[0]
+        error = float((fast.approximate_scores(output) - exact).abs().max())
+        bound = fast.half_error_bound(output)
+        assert error <= bound
+        worst = max(worst, error / bound)
+    assert worst > 0.005  # a bound that holds, yet not so loose that nothing is ever certified
+
+
+def test_fast_top_k_equals_the_full_ranking(
+    rec: SessionRecommender, fast: SessionRecommender, sessions: list[list[int]]
+) -> None:
+    assert not rec.fast_top_k  # 2,217 items: plain fp32 by default
+    prefixes = [s[: t + 1] for s in sessions for t in range(len(s))]
+    for prefix in prefixes:
+        for exclude_seen in (False, True):
+            assert_same(
+                fast.recommend(prefix, k=20, exclude_seen=exclude_seen),
+                rec.recommend(prefix, k=20, exclude_seen=exclude_seen),
+            )
+    stats = fast.fast_stats
+    assert stats["certified"] > 0.9 * (stats["certified"] + stats["fallback"])
+    live = fast.live()
+    for t, item in enumerate(sessions[0]):
+        assert_same(live.click("s", item, k=20), rec.recommend(sessions[0][: t + 1], k=20))
+
+
+def test_fast_top_k_falls_back_when_it_cannot_certify(
+    trained: tuple[PreparedDataset, Path], sessions: list[list[int]]
+) -> None:
+    """Items with one shared vector tie everywhere: nothing can be certified, fp32 answers."""
+    model, payload = GRU4Rec.load(trained[1])
+    with torch.no_grad():
+        model.item_out[:] = model.item_out[0]
+        model.item_bias.zero_()
+    fast = SessionRecommender(model, payload["item_ids"], payload["support"], fast_top_k=True)
+    plain = SessionRecommender(model, payload["item_ids"], payload["support"], fast_top_k=False)
+    assert_same(fast.recommend(sessions[0], k=10), plain.recommend(sessions[0], k=10))
+    assert fast.fast_stats == {"certified": 0, "fallback": 1}
+
+
 # --- live sessions ------------------------------------------------------------------------------
 
 
@@ -255,11 +317,15 @@ def test_live_ttl_forgets_idle_sessions(rec: SessionRecommender, sessions: list[
     a, b, c = sessions[0][:3]
     live.click("idle", a)
     live.click("busy", a)
-    for t in (4.0, 8.0, 12.0, 16.0):  # clicks within the TTL keep "busy" alive
+    for t in (4.0, 8.0):  # clicks within the TTL keep "busy" alive
         now[0] = t
         live.click("busy", b)
-    assert "idle" not in live and "busy" in live
+    now[0] = 11.0
+    assert "idle" not in live and "busy" in live  # idle for 11 s > 10 s
     assert live.expire() == 1 and len(live) == 1
+    for t in (12.0, 16.0):
+        now[0] = t
+        live.click("busy", b)
     assert_same(live.click("busy", c, k=5), rec.recommend([a, b, b, b, b, c], k=5))
     now[0] = 30.0  # "busy" idle for 14 s: its next click starts a new session
     assert_same(live.click("busy", c, k=5), rec.recommend([c], k=5))

@@ -301,8 +301,8 @@ def test_table_parquet_times_of_every_kind_become_utc(tmp_path: Path) -> None:
 
 def test_files_with_integer_and_text_ids_are_read_as_text(tmp_path: Path) -> None:
     columns = {"session_id": "s", "item_id": "i", "timestamp": "t"}
-    (tmp_path / "a.csv").write_text("s,i,t\n1,10,100\n1,11,160\n")
-    (tmp_path / "b.csv").write_text("s,i,t\n2,x10,200\n2,x11,260\n")
+    (tmp_path / "a.csv").write_text("s,i,t\n1,10,1700000100\n1,11,1700000160\n")
+    (tmp_path / "b.csv").write_text("s,i,t\n2,x10,1700000200\n2,x11,1700000260\n")
     events = events_of(
         format="table", path=[tmp_path / "a.csv", tmp_path / "b.csv"], columns=columns
     )
@@ -362,3 +362,35 @@ def test_table_mapping_to_absent_columns(tmp_path: Path) -> None:
     columns = {"session_id": "session", "item_id": "item", "timestamp": "ts"}
     with pytest.raises(RecsysError, match=r"missing column\(s\) \['session'\].*found \['sid'"):
         events_of(format="table", path=path, columns=columns)
+
+
+def test_compressed_downloads_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00")
+    with pytest.raises(RecsysError, match=r"events.csv.gz: a compressed archive; unpack it"):
+        events_of(format="retailrocket", path=path)
+
+
+def test_a_missing_column_is_named_with_what_was_found(tmp_path: Path) -> None:
+    path = tmp_path / "clicks.tsv"
+    path.write_text("SessionId\tItemId\n1\t10\n")
+    with pytest.raises(
+        RecsysError, match=r"missing column\(s\) \['Time'\].*found \['SessionId', 'ItemId'\]"
+    ):
+        events_of(format="gru4rec_tsv", path=path)
+
+
+def test_epoch_numbers_in_the_wrong_unit_are_caught(tmp_path: Path) -> None:
+    columns = {"session_id": "s", "item_id": "i", "timestamp": "t"}
+    path = tmp_path / "clicks.csv"
+    path.write_text("s,i,t\n1,10,1700000000000\n1,11,1700000060000\n")  # ms, read as s
+    with pytest.raises(
+        RecsysError, match=r"clicks.csv: column 't': read as epoch s.*timestamp_unit"
+    ):
+        events_of(format="table", path=path, columns=columns)
+    parquet = tmp_path / "clicks.parquet"
+    pl.DataFrame({"s": [1], "i": [10], "t": [1700000000]}).write_parquet(parquet)
+    with pytest.raises(
+        RecsysError, match=r"'t' holds numbers .* but .*timestamp_unit is 'datetime'"
+    ):
+        events_of(format="table", path=parquet, columns=columns, timestamp_unit="datetime")

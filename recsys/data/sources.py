@@ -24,6 +24,7 @@ from recsys.data.synthetic import generate_clicks
 from recsys.errors import RecsysError
 
 _SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+_COMPRESSED = (".gz", ".zip", ".7z", ".bz2", ".xz", ".zst")
 _USER = "__user"  # the column that sessionised formats cut into sessions
 _KEEP = "__keep"  # sessionised formats: is this event kept after sessionising (e.g. a view)
 
@@ -35,6 +36,10 @@ def _check_file(path: Path) -> None:
         raise RecsysError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise RecsysError(f"{path}: file is empty")
+    if path.suffix.lower() in _COMPRESSED:
+        raise RecsysError(
+            f"{path}: a compressed archive; unpack it and point data.source.path at the file inside"
+        )
 
 
 def _header(path: Path) -> str:
@@ -179,19 +184,18 @@ def _strict_cast(
     frame: pl.LazyFrame,
     path: Path,
     parses: dict[str, _Parse],
-    keep: tuple[str, ...] = (),
     where: pl.Expr | None = None,
     separator: str | None = None,
     line_offset: int = 2,
 ) -> pl.DataFrame:
-    """Parse columns strictly, keeping only the parsed ones (and ``keep``).
+    """Parse columns strictly, keeping only the parsed ones.
 
     ``where`` selects the rows to parse (e.g. views only). On failure, name the column and the
-    first bad line (``line_offset``: file line of data row 0; 0 for Parquet rows, reported
-    1-based as "row"), or the first line that breaks the text layout.
+    first bad line of a text file (``separator`` given; ``line_offset`` = file line of data row
+    0) or the first bad row of a Parquet file, or else the first line that breaks the layout.
     """
     rows = frame if where is None else frame.filter(where)
-    out = rows.select(*keep, **{name: p.strict for name, p in parses.items()})
+    out = rows.select(**{name: p.strict for name, p in parses.items()})
     try:
         return out.collect(engine="streaming")
     except pl.exceptions.PolarsError as exc:
@@ -359,7 +363,7 @@ def read_table(path: Path, config: SourceConfig) -> pl.LazyFrame:
         raise RecsysError(f"config data.source.columns: missing a mapping for {missing_keys}")
     unit = config.timestamp_unit
     if path.suffix.lower() in (".parquet", ".pq"):
-        return _canonical(_read_parquet_table(path, mapping, unit))
+        return _canonical(_plausible_times(_read_parquet_table(path, mapping, unit), path, config))
     sep = config.separator or ("\t" if path.suffix.lower() in (".tsv", ".txt", ".dat") else ",")
     _check_columns(path, sep, list(dict.fromkeys(mapping.values())))
     raw = _scan_strings(path, sep)
@@ -373,7 +377,29 @@ def read_table(path: Path, config: SourceConfig) -> pl.LazyFrame:
         TIME: time,
     }
     parsed = _strict_cast(raw, path, parses, separator=sep)
-    return _canonical(parsed.with_columns(_maybe_int(parsed[ITEM]), _maybe_int(parsed[SESSION])))
+    parsed = parsed.with_columns(_maybe_int(parsed[ITEM]), _maybe_int(parsed[SESSION]))
+    return _canonical(_plausible_times(parsed, path, config))
+
+
+_PLAUSIBLE_YEARS = (1995, 2100)
+
+
+def _plausible_times(parsed: pl.DataFrame, path: Path, config: SourceConfig) -> pl.DataFrame:
+    """Epoch numbers read in the wrong unit give dates in year 55,000 or in 1970: say so."""
+    if config.timestamp_unit == "datetime" or parsed.height == 0:
+        return parsed
+    years = parsed.select(
+        pl.col(TIME).dt.year().min().alias("low"), pl.col(TIME).dt.year().max().alias("high")
+    ).row(0)
+    low, high = years
+    if low is None or (_PLAUSIBLE_YEARS[0] <= low and high < _PLAUSIBLE_YEARS[1]):
+        return parsed
+    column = (config.columns or {}).get(TIME)
+    raise RecsysError(
+        f"{path}: column {column!r}: read as epoch {config.timestamp_unit}, the times run from "
+        f"year {low} to year {high}, not a click log's time span; check "
+        f"data.source.timestamp_unit (s, ms, us or ns)"
+    )
 
 
 def _read_parquet_table(path: Path, mapping: dict[str, str], unit: str) -> pl.DataFrame:
@@ -390,8 +416,12 @@ def _read_parquet_table(path: Path, mapping: dict[str, str], unit: str) -> pl.Da
     if dtype == pl.String:
         time = _datetime(col, "a date-time string such as 2024-01-31T12:00:00")
     elif dtype.is_numeric():
-        epoch_unit = "s" if unit == "datetime" else unit
-        time = _epoch(col, epoch_unit, f"a number of epoch {epoch_unit}")
+        if unit == "datetime":
+            raise RecsysError(
+                f"{path}: column {col!r} holds numbers ({dtype}), but data.source.timestamp_unit "
+                f"is 'datetime'; set it to the epoch unit: s, ms, us or ns"
+            )
+        time = _epoch(col, unit, f"a number of epoch {unit}")
     elif isinstance(dtype, pl.Datetime):
         as_utc = (
             pl.col(col).dt.replace_time_zone("UTC")
@@ -414,7 +444,7 @@ def _read_parquet_table(path: Path, mapping: dict[str, str], unit: str) -> pl.Da
             ids[name] = expr.cast(pl.String)
     parses = {k: _Parse(mapping[k], e, e, "an id") for k, e in ids.items()}
     parses[TIME] = time
-    parsed = _strict_cast(lf, path, parses, line_offset=0)
+    parsed = _strict_cast(lf, path, parses)
     return parsed.with_columns(
         pl.col(k).cast(pl.Int64) for k in (SESSION, ITEM) if parsed.schema[k].is_integer()
     ).with_columns(_maybe_int(parsed[k]) for k in (SESSION, ITEM) if parsed.schema[k] == pl.String)

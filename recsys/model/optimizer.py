@@ -30,14 +30,26 @@ class RowAdagradM:
 
     @torch.no_grad()
     def dense(self, name: str, param: torch.Tensor, grad: torch.Tensor) -> None:
-        acc, vel = self._state(name, param)
-        acc.addcmul_(grad, grad)
-        step = grad * torch.rsqrt(acc + self.eps)
-        if vel is None:
-            param.add_(step, alpha=-self.lr)
+        self.dense_all([name], [param], [grad])
+
+    @torch.no_grad()
+    def dense_all(
+        self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> None:
+        """Update several dense parameters with a handful of fused multi-tensor ops."""
+        states = [self._state(n, p) for n, p in zip(names, params, strict=True)]
+        accs = [a for a, _ in states]
+        torch._foreach_addcmul_(accs, grads, grads)
+        steps = torch._foreach_add(accs, self.eps)
+        torch._foreach_rsqrt_(steps)
+        torch._foreach_mul_(steps, grads)
+        if self.momentum > 0:
+            vels = [v for _, v in states if v is not None]
+            torch._foreach_mul_(vels, self.momentum)
+            torch._foreach_add_(vels, steps, alpha=-self.lr)
+            torch._foreach_add_(params, vels)
         else:
-            vel.mul_(self.momentum).add_(step, alpha=-self.lr)
-            param.add_(vel)
+            torch._foreach_add_(params, steps, alpha=-self.lr)
 
     @torch.no_grad()
     def rows(self, name: str, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
