@@ -144,3 +144,23 @@ def test_loss_goes_down_on_a_real_log(tmp_path: Path) -> None:
     history = train_gru4rec(data.train, data.n_items, ModelConfig(layers=[48]), cfg).history
     losses = [h["loss"] for h in history]
     assert losses[-1] < losses[0] * 0.95, losses
+
+
+def test_early_stopping_tunes_on_valid_then_refits_on_train(tmp_path: Path) -> None:
+    from pipelines.train import read_meta, run_train
+
+    raw = tiny_config(
+        tmp_path, train={"epochs": 4, "early_stopping": {"patience": 1, "metric": "mrr@20"}}
+    )
+    config = config_from_dict(raw)
+    prepare(config)
+    meta = run_train(config, tracker=None)
+    tune = [h for h in meta["history"] if h["phase"] == "tune"]
+    fit = [h for h in meta["history"] if h["phase"] == "fit"]
+    assert tune and all("valid_metric" in h for h in tune)
+    best = max(range(len(tune)), key=lambda i: tune[i]["valid_metric"]) + 1
+    assert meta["epochs"] == best == len(fit)
+    assert (
+        len(tune) == len(fit) + 1 or len(tune) == 4
+    )  # stopped one epoch after the best, or ran out
+    assert read_meta(config) == meta
