@@ -157,6 +157,32 @@ class GRU4Rec(nn.Module):
             outs.append(out)
         return torch.stack(outs, 1)
 
+    @torch.inference_mode()
+    def prediction_outputs(self, padded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Outputs after every proper prefix (positions t < len - 1), session-major: (N, H_last).
+
+        Sessions are run longest first, so each step works on a shrinking prefix of the batch
+        and no GRU step is spent on padding or on a session's last click (nothing follows it).
+        """
+        order = torch.argsort(lengths, descending=True, stable=True)
+        steps = (lengths[order] - 1).tolist()  # predictions per session, descending
+        items = padded[order]
+        b = len(steps)
+        t_max = max(steps, default=0)
+        hidden = self.init_hidden(b)
+        table = self.input_table()
+        buf = torch.empty(b, t_max, self.layers[-1], device=padded.device)  # (B, T-1, H)
+        active = b
+        for t in range(t_max):
+            while active and steps[active - 1] <= t:
+                active -= 1
+            hidden = [h[:active] for h in hidden]
+            out, hidden = self.step(table[items[:active, t]], hidden, train=False)  # (active, H)
+            buf[:active, t] = out
+        buf = buf[torch.argsort(order)]  # back to the callers' session order
+        mask = torch.arange(t_max, device=padded.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
+        return buf[mask]
+
     def score_all(self, out: torch.Tensor) -> torch.Tensor:
         """(B, H_last) -> (B, n_items) scores over the whole catalogue."""
         return torch.addmm(self.item_bias, out, self.item_out.t())

@@ -23,7 +23,7 @@ def pad_sessions(sessions: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Te
     return padded, lengths
 
 
-FAST_CANDIDATES = 64
+FAST_CANDIDATES = 48
 _BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 _FP32_UNIT = 2.0**-24
 
@@ -39,16 +39,19 @@ def exact_topk_ranks(
     m = min(max(FAST_CANDIDATES, 2 * k), model.n_items)
     cache = getattr(model, "_bf16_cache", None)
     if cache is None or cache[0] is not weights or cache[1] != weights._version:
-        model._bf16_cache = (weights, weights._version, weights.detach().bfloat16(), weights.norm(dim=1).max())  # type: ignore[attr-defined]
-    _, _, w16, w_norm_max = model._bf16_cache  # type: ignore[attr-defined]
-    product = torch.mm(out.bfloat16(), w16.t()).float()  # (N, n_items), bf16 output
-    # |A - S| <= input rounding (2u + u²)·Σ|x_k y_k| + output rounding u·|P| + fp32 sums.
+        # [w_j, b_j] per item in bf16, so the bias rides along in the same GEMM: (n_items, H + 1)
+        extended = torch.cat((weights.detach(), bias.detach().unsqueeze(1)), 1).bfloat16()
+        scale = float(weights.detach().norm(dim=1).max()), float(bias.detach().abs().max())
+        model._bf16_cache = (weights, weights._version, extended, scale)  # type: ignore[attr-defined]
+    _, _, w16, (w_norm_max, b_max) = model._bf16_cache  # type: ignore[attr-defined]
+    ones = torch.ones(len(out), 1, dtype=out.dtype, device=out.device)
+    approx = torch.mm(torch.cat((out, ones), 1).bfloat16(), w16.t())  # (N, n_items) bf16
+    # |A - S| <= input rounding (2u + u²)·Σ|x_k y_k| + output rounding u·|S| + fp32 sums,
+    # and Σ|x_k y_k| + |b| <= ||x||·max||w|| + max|b| (Cauchy-Schwarz), for every item.
     h = out.shape[1]
-    input_err = (2.01 * _BF16_UNIT + 2 * h * _FP32_UNIT) * out.norm(dim=1) * w_norm_max  # (N,)
-    output_err = 1.01 * _BF16_UNIT * product.abs().amax(dim=1)  # (N,)
-    err = input_err + output_err
-    approx = product.add_(bias)  # (N, n_items)
+    err = (3.02 * _BF16_UNIT + 2 * (h + 1) * _FP32_UNIT) * (out.norm(dim=1) * w_norm_max + b_max)
     cand_scores, cand = torch.topk(approx, m, dim=1)  # (N, m)
+    cand_scores = cand_scores.float()
     complete = cand_scores[:, m - 1] < cand_scores[:, k - 1] - 2 * err
     # Exact fp32 scores of the candidates and of the target, in one batched product.
     idx = torch.cat((cand, targets.view(-1, 1)), dim=1)  # (N, m + 1)
@@ -119,11 +122,7 @@ class GRU4RecRecommender(Recommender):
         model = self._require_model()
         device = model.item_out.device
         padded, lengths = pad_sessions(sessions)
-        outs = model.encode_sessions(padded.to(device), lengths.to(device))  # (B, T, H)
-        # Position t of session b is a prediction point when t < len_b - 1.
-        t_idx = torch.arange(padded.shape[1])
-        mask = t_idx.unsqueeze(0) < (lengths - 1).unsqueeze(1)  # (B, T)
-        return outs[mask.to(device)]  # row-major = session-major, position order
+        return model.prediction_outputs(padded.to(device), lengths.to(device))
 
     def score_sessions(self, sessions: Sequence[np.ndarray]) -> torch.Tensor:
         model = self._require_model()
