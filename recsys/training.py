@@ -119,10 +119,12 @@ class Trainer:
             in_rows, in_inv = torch.unique(inputs, return_inverse=True)
             in_table = model.item_in.detach().index_select(0, in_rows).requires_grad_()  # type: ignore[union-attr]
             x = in_table.index_select(0, in_inv)
-        w_out = item_rows.index_select(0, out_inv)  # (B + n_sample, H)
         bias_rows = model.item_bias.detach().index_select(0, out_rows).requires_grad_()
         out, hidden = model.step(x, hidden, train=True)  # (B, H)
-        scores = torch.addmm(bias_rows.index_select(0, out_inv), out, w_out.t())  # (B, B + n_sample)
+        # Score each distinct row once, then spread the columns: gathering (B, U) scores is far
+        # cheaper than gathering (B + n_sample, H) item vectors, forward and backward.
+        distinct = torch.addmm(bias_rows, out, item_rows.t())  # (B, U)
+        scores = distinct.index_select(1, out_inv)  # (B, B + n_sample)
         loss = self._loss(scores, out_idx, b) / self.config.batch_size
         loss.backward()
 
