@@ -20,6 +20,7 @@ class RowAdagradM:
         self.eps = eps
         self.acc: dict[str, torch.Tensor] = {}
         self.vel: dict[str, torch.Tensor] = {}
+        self.row_state: dict[str, torch.Tensor] = {}
 
     def _state(self, name: str, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if name not in self.acc:
@@ -51,23 +52,35 @@ class RowAdagradM:
         else:
             torch._foreach_add_(params, steps, alpha=-self.lr)
 
+    def _row_state(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """Accumulator and velocity of a row-updated parameter, interleaved per row as
+        (n_rows, 2, ...), so one gather and one scatter serve both."""
+        if name not in self.row_state:
+            slots = 2 if self.momentum > 0 else 1
+            self.row_state[name] = torch.zeros(
+                (param.shape[0], slots, *param.shape[1:]), dtype=param.dtype, device=param.device
+            )
+        return self.row_state[name]
+
     @torch.no_grad()
     def rows(self, name: str, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Update ``param[rows]`` with ``grad`` (one row per *distinct* index in ``rows``)."""
-        acc, vel = self._state(name, param)
-        acc_rows = acc.index_select(0, rows).addcmul_(grad, grad)
-        acc.index_copy_(0, rows, acc_rows)
-        step = grad * torch.rsqrt(acc_rows + self.eps)
-        if vel is None:
-            param.index_add_(0, rows, step, alpha=-self.lr)
+        state = self._row_state(name, param)
+        selected = state.index_select(0, rows)  # (U, slots, ...)
+        acc_rows = selected[:, 0].addcmul_(grad, grad)
+        step = acc_rows.add(self.eps).rsqrt_().mul_(grad)
+        if self.momentum > 0:
+            update = selected[:, 1].mul_(self.momentum).add_(step, alpha=-self.lr)
+            state.index_copy_(0, rows, selected)
+            param.index_add_(0, rows, update)
         else:
-            vel_rows = vel.index_select(0, rows).mul_(self.momentum).add_(step, alpha=-self.lr)
-            vel.index_copy_(0, rows, vel_rows)
-            param.index_add_(0, rows, vel_rows)
+            state.index_copy_(0, rows, selected)
+            param.index_add_(0, rows, step, alpha=-self.lr)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"acc": dict(self.acc), "vel": dict(self.vel)}
+        return {"acc": dict(self.acc), "vel": dict(self.vel), "rows": dict(self.row_state)}
 
     def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         self.acc = dict(state["acc"])
         self.vel = dict(state["vel"])
+        self.row_state = dict(state["rows"])
