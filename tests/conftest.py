@@ -100,3 +100,11 @@ def run_cli(
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+@pytest.fixture(scope="session")
+def rsc_trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A small GRU4Rec trained on the RSC15 sample, shared by the serving and scoring tests."""
+    from tests.test_serving import train_rsc
+
+    return train_rsc(tmp_path_factory.mktemp("rsc"))

@@ -14,15 +14,15 @@ from recsys.data.schema import ITEM, SESSION, TIME
 from recsys.errors import RecsysError
 from recsys.serving import Recommendation, SessionRecommender
 from tests.conftest import run_cli
-from tests.test_serving import assert_same, real_sessions, train_rsc
+from tests.test_serving import assert_same, real_sessions
 
 # One torch thread in the subprocesses: on a busy 2-core machine two threads are ~10x slower.
 ENV = {"OMP_NUM_THREADS": "1", "RECSYS_QUIET": "0"}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[PreparedDataset, Path]:
-    return train_rsc(tmp_path_factory.mktemp("rsc"))
+def trained(rsc_trained: tuple[PreparedDataset, Path]) -> tuple[PreparedDataset, Path]:
+    return rsc_trained
 
 
 @pytest.fixture(scope="module")

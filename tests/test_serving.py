@@ -77,8 +77,8 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[PreparedDataset, Path]:
-    return train_rsc(tmp_path_factory.mktemp("rsc"))
+def trained(rsc_trained: tuple[PreparedDataset, Path]) -> tuple[PreparedDataset, Path]:
+    return rsc_trained
 
 
 @pytest.fixture(scope="module")
