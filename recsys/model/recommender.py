@@ -72,7 +72,10 @@ def exact_topk_ranks(
     inside = target_score.squeeze(1) >= top_vals[:, k - 1]
     ranks = torch.where(inside, ranks, torch.full_like(ranks, k + 1))
     top = cand.gather(1, top_pos)
-    fallback = torch.nonzero(~complete).flatten()
+    # A target inside the exact top-k must be among the candidates; if rounding ever broke the
+    # bound, that row is rescored in full rather than trusted.
+    suspicious = inside & ~is_target.any(1)
+    fallback = torch.nonzero(~complete | suspicious).flatten()
     if len(fallback):
         scores = torch.addmm(bias, out[fallback], weights.t())
         ranks[fallback] = target_ranks(scores, targets[fallback], ties)  # type: ignore[arg-type]
