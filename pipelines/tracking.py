@@ -47,14 +47,36 @@ def experiment_id(client: Any, name: str) -> str:
 
 
 class Tracker:
-    """Opens the runs of one invocation: a parent (pipeline) and children (steps)."""
+    """Opens the runs of one invocation: a parent (pipeline) and children (steps).
+
+    The store is contacted on first use, after a step has done its work, so a bad input is
+    reported without waiting for MLflow, and a failed step leaves no run behind.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.client = connect()
-        self.experiment_id = experiment_id(self.client, config.name)
         self.parent_id: str | None = None
-        self.commit = git_commit()
+        self._client: Any = None
+        self._experiment_id: str | None = None
+        self._commit: str | None = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = connect()
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = experiment_id(self.client, self.config.name)
+        return self._experiment_id
+
+    @property
+    def commit(self) -> str:
+        if self._commit is None:
+            self._commit = git_commit()
+        return self._commit
 
     @contextlib.contextmanager
     def parent(self, run_name: str = "pipeline") -> Iterator[str]:
