@@ -103,7 +103,7 @@ def run_cli(
 
 
 @pytest.fixture(scope="session")
-def rsc_trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A small GRU4Rec trained on the RSC15 sample, shared by the serving and scoring tests."""
     from tests.test_serving import train_rsc
 

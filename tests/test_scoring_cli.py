@@ -21,11 +21,6 @@ ENV = {"OMP_NUM_THREADS": "1", "RECSYS_QUIET": "0"}
 
 
 @pytest.fixture(scope="module")
-def trained(rsc_trained: tuple[PreparedDataset, Path]) -> tuple[PreparedDataset, Path]:
-    return rsc_trained
-
-
-@pytest.fixture(scope="module")
 def rec(trained: tuple[PreparedDataset, Path]) -> SessionRecommender:
     return SessionRecommender.load(trained[1])
 

@@ -77,11 +77,6 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def trained(rsc_trained: tuple[PreparedDataset, Path]) -> tuple[PreparedDataset, Path]:
-    return rsc_trained
-
-
-@pytest.fixture(scope="module")
 def rec(trained: tuple[PreparedDataset, Path]) -> SessionRecommender:
     return SessionRecommender.load(trained[1])
 
