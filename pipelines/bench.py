@@ -66,12 +66,20 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
 
 def _run_one(name: str, quick: bool) -> list[dict[str, Any]]:
     """Run a benchmark in a child process; it prints its rows as JSON on the last line."""
-    cmd = [sys.executable, "-m", "pipelines.bench", "--child", name] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "pipelines.bench", "--child", name] + (
+        ["--quick"] if quick else []
+    )
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return [{"benchmark": name, "error": " | ".join(tail), "wall_s": round(time.perf_counter() - start, 1)}]
+        return [
+            {
+                "benchmark": name,
+                "error": " | ".join(tail),
+                "wall_s": round(time.perf_counter() - start, 1),
+            }
+        ]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
