@@ -9,7 +9,6 @@ Without ../shared/data, a synthetic log of the same catalogue size stands in (sa
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,12 @@ import polars as pl
 import torch
 
 from recsys.config import ModelConfig, PreparationConfig, SourceConfig, TrainConfig
-from recsys.data.batching import session_arrays, session_parallel_batches
+from recsys.data.batching import session_arrays
 from recsys.data.preparation import PreparedDataset, prepare_events
 from recsys.data.sources import read_events
 from recsys.data.synthetic import SyntheticConfig
 from recsys.model.gru4rec import GRU4Rec
-from recsys.training import Trainer, item_support, reset_slots
+from recsys.training import Trainer, item_support
 
 DIGINETICA = (
     Path(__file__).resolve().parent.parent.parent / "shared/data/diginetica/diginetica_sessions.tsv"
@@ -73,31 +72,21 @@ def load_train() -> tuple[PreparedDataset, str]:
 def time_steps(
     data: pl.DataFrame, n_items: int, model_cfg: ModelConfig, train_cfg: TrainConfig, steps: int
 ) -> dict[str, Any]:
-    """Events/s of ``steps`` training steps after 20 warm-up steps."""
+    """Events/s of ``steps`` steps of the real epoch loop, after a 20-step warm-up run that also
+    fills the negative-sample store."""
     torch.manual_seed(0)
     arrays = session_arrays(data)
     model = GRU4Rec(n_items, model_cfg, seed=0)
-    trainer = Trainer(model, train_cfg, item_support(data, n_items), torch.device("cpu"))
-    trainer.sampler.draw()  # fill the sample store outside the timed part
-    hidden = model.init_hidden(train_cfg.batch_size)
-    events = 0
-    start = 0.0
-    for i, step in enumerate(session_parallel_batches(arrays, train_cfg.batch_size)):
-        if i == 20:
-            start = time.perf_counter()
-            events = 0
-        if i == 20 + steps:
-            break
-        if step.keep is not None:
-            hidden = [h[torch.from_numpy(step.keep)] for h in hidden]
-        if step.reset.any():
-            hidden = reset_slots(hidden, step.reset, torch.device("cpu"))
-        _, hidden = trainer.train_step(
-            torch.from_numpy(step.inputs), torch.from_numpy(step.targets), hidden
-        )
-        events += len(step.targets)
-    seconds = time.perf_counter() - start
-    return {"events_per_s": round(events / seconds), "seconds": round(seconds, 2), "steps": steps}
+    warm_up = train_cfg.model_copy(update={"max_steps": 20})
+    trainer = Trainer(model, warm_up, item_support(data, n_items), torch.device("cpu"))
+    trainer.run_epoch(arrays, epoch=0)
+    trainer.config = train_cfg.model_copy(update={"max_steps": steps})
+    record = trainer.run_epoch(arrays, epoch=0)
+    return {
+        "events_per_s": round(record["events_per_second"]),
+        "seconds": round(record["seconds"], 2),
+        "steps": record["steps"],
+    }
 
 
 def bench_train(quick: bool) -> list[dict[str, Any]]:

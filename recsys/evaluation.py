@@ -22,7 +22,7 @@ import torch
 from recsys.data.batching import session_arrays
 from recsys.data.schema import ITEM_IDX, SESSION
 from recsys.progress import Progress
-from recsys.recommender import Recommender
+from recsys.recommender import Recommender, next_item_targets
 
 TieMode = Literal["conservative", "standard", "median"]
 METRICS = ("recall", "mrr", "ndcg")
@@ -33,19 +33,28 @@ def metric_name(metric: str, k: int) -> str:
     return f"{metric}@{k}"
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: TieMode) -> torch.Tensor:
-    """1-based rank of each row's target among all items (float: the median mode can be .5).
-
-    conservative = #(score >= target's), standard = #(score > target's) + 1, median = their mean.
-    """
-    target_scores = scores.gather(1, targets.view(-1, 1))  # (N, 1)
+def rank_from_counts(
+    ties: TieMode | str, above: torch.Tensor | None, at_least: torch.Tensor | None
+) -> torch.Tensor:
+    """The tie rule, defined once: conservative = #(score >= target's) (the target included),
+    standard = #(score > target's) + 1, median = their mean. Only the counts a mode needs are
+    required; ranks are 1-based floats (the median mode can be .5)."""
     if ties == "standard":
-        return (scores > target_scores).sum(1).to(torch.float64) + 1
-    at_least = (scores >= target_scores).sum(1).to(torch.float64)
+        assert above is not None
+        return above.to(torch.float64) + 1
+    assert at_least is not None
     if ties == "conservative":
-        return at_least
-    above = (scores > target_scores).sum(1).to(torch.float64)
-    return (at_least + above + 1) / 2
+        return at_least.to(torch.float64)
+    assert above is not None
+    return (at_least.to(torch.float64) + above.to(torch.float64) + 1) / 2
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: TieMode | str) -> torch.Tensor:
+    """1-based rank of each row's target among all items, by the tie rule of ``ties``."""
+    target_scores = scores.gather(1, targets.view(-1, 1))  # (N, 1)
+    above = (scores > target_scores).sum(1) if ties != "conservative" else None
+    at_least = (scores >= target_scores).sum(1) if ties != "standard" else None
+    return rank_from_counts(ties, above, at_least)
 
 
 @dataclass
@@ -169,9 +178,8 @@ def evaluate(
     with torch.inference_mode():
         for batch in _batches(sessions, batch_size):
             if exclude_seen:
-                targets = torch.from_numpy(np.concatenate([s[1:] for s in batch]))
                 scores = _exclude_seen(model.score_sessions(batch).clone(), batch)
-                ranks = target_ranks(scores, targets.to(scores.device), ties).cpu()
+                ranks = target_ranks(scores, next_item_targets(batch, scores.device), ties).cpu()
                 top = torch.topk(scores, max_k, dim=1).indices
             else:
                 ranks, top = model.rank_sessions(batch, ties, max_k)

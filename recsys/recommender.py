@@ -14,6 +14,13 @@ import polars as pl
 import torch
 
 
+def next_item_targets(
+    sessions: Sequence[np.ndarray], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The target of every prediction, session-major: each session's clicks after the first."""
+    return torch.from_numpy(np.concatenate([s[1:] for s in sessions])).to(device)
+
+
 class Recommender(ABC):
     """Scores every catalogue item as the next click of a session.
 
@@ -56,7 +63,6 @@ class Recommender(ABC):
         from recsys.evaluation import target_ranks
 
         scores = self.score_sessions(sessions)  # (N, n_items)
-        targets = torch.from_numpy(np.concatenate([s[1:] for s in sessions])).to(scores.device)
-        ranks = target_ranks(scores, targets, ties)  # type: ignore[arg-type]
+        ranks = target_ranks(scores, next_item_targets(sessions, scores.device), ties)
         top = torch.topk(scores, min(top_k, self.n_items), dim=1).indices
         return ranks.cpu(), top.cpu()

@@ -11,7 +11,7 @@ import torch
 
 from recsys.config import ModelConfig, TrainConfig
 from recsys.model.gru4rec import GRU4Rec
-from recsys.recommender import Recommender
+from recsys.recommender import Recommender, next_item_targets
 
 
 def pad_sessions(sessions: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +32,7 @@ def exact_topk_ranks(
     model: GRU4Rec, out: torch.Tensor, targets: torch.Tensor, ties: str, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks of ``targets`` (exact when <= top_k, else top_k + 1) and the exact top-k items."""
-    from recsys.evaluation import target_ranks
+    from recsys.evaluation import rank_from_counts, target_ranks
 
     weights, bias = model.item_out, model.item_bias
     k = min(top_k, model.n_items)
@@ -60,14 +60,9 @@ def exact_topk_ranks(
     cand_exact = exact[:, :m]
     is_target = cand == targets.view(-1, 1)
     others = cand_exact.masked_fill(is_target, float("-inf"))
-    above = (others > target_score).sum(1).to(torch.float64)
-    at_least = (others >= target_score).sum(1).to(torch.float64) + 1  # + the target itself
-    if ties == "standard":
-        ranks = above + 1
-    elif ties == "conservative":
-        ranks = at_least
-    else:
-        ranks = (at_least + above + 1) / 2
+    above = (others > target_score).sum(1)
+    at_least = (others >= target_score).sum(1) + 1  # + the target itself
+    ranks = rank_from_counts(ties, above, at_least)
     top_vals, top_pos = torch.topk(cand_exact, k, dim=1)
     inside = target_score.squeeze(1) >= top_vals[:, k - 1]
     ranks = torch.where(inside, ranks, torch.full_like(ranks, k + 1))
@@ -78,7 +73,7 @@ def exact_topk_ranks(
     fallback = torch.nonzero(~complete | suspicious).flatten()
     if len(fallback):
         scores = torch.addmm(bias, out[fallback], weights.t())
-        ranks[fallback] = target_ranks(scores, targets[fallback], ties)  # type: ignore[arg-type]
+        ranks[fallback] = target_ranks(scores, targets[fallback], ties)
         top[fallback] = torch.topk(scores, k, dim=1).indices
     return ranks.cpu(), top.cpu()
 
@@ -151,8 +146,9 @@ class GRU4RecRecommender(Recommender):
             return super().rank_sessions(sessions, ties, top_k)
         with torch.inference_mode():
             out = self.session_outputs(sessions)  # (N, H)
-            targets = torch.from_numpy(np.concatenate([s[1:] for s in sessions])).to(out.device)
-            return exact_topk_ranks(model, out, targets, ties, top_k)
+            return exact_topk_ranks(
+                model, out, next_item_targets(sessions, out.device), ties, top_k
+            )
 
     def score_next(self, prefixes: Sequence[np.ndarray]) -> torch.Tensor:
         model = self._require_model()
