@@ -1,17 +1,20 @@
-"""Serving latency on a Diginetica-sized model: in-process, live sessions, REST under load.
+"""Serving latency on the Diginetica catalogue: in-process, live sessions, REST under load.
 
-The model has the Diginetica catalogue (43,097 items; real ids and popularity from
-../shared/data/diginetica when present, else synthetic ids), 512 units and the shared
-embedding, but random weights: serving latency depends on the shapes, not on training, so
-nothing is trained here. Request sessions are the real Diginetica test sessions (else random).
+The model is ``bench_train.bench_model``'s: 43,097 items with their real ids and popularity,
+512 units, shared embedding, trained (the Diginetica pipeline's model when present, else
+1,000 steps of the published setting). Trained, not random: how often the certified
+low-precision pass settles a request depends on the score structure, and random weights give
+flat scores that nothing could certify. Requests are the real Diginetica test sessions.
 
 Cases (each a row: latency percentiles in ms and events/s):
-(a) in-process ``recommend`` of one session, top-20 (fast certified top-k vs plain fp32, and
-    torch with 1 vs the default number of threads);
-(b) one ``LiveSessions.click`` (one GRU step + top-20);
-(c) REST round trips to ``mlflow models serve`` from loopback clients: one client alone, then
-    N concurrent clients (50 for 60 s; quick: 10 for 5 s), counting errors. The model is
-    logged as the same pyfunc as ``recsys register`` logs, into a temporary SQLite store.
+(a) in-process ``recommend`` of one whole session, top-20 (certified int8 pass vs plain fp32,
+    1 torch thread vs all cores);
+(b) one ``LiveSessions.click`` (one GRU step + top-20), same variants;
+(c) REST round trips to ``mlflow models serve`` (one worker, see WORKERS) from loopback clients:
+    one client with empty sessions (the HTTP + MLflow stack alone), one client, N clients in a
+    closed loop (saturation), N clients paced at a visitor's click rate (50 for 60 s each;
+    quick: 10 for 5 s), counting errors. The model is logged as the same pyfunc as
+    ``recsys register`` logs, into a temporary SQLite store.
 """
 
 from __future__ import annotations
@@ -36,52 +39,38 @@ import numpy as np
 import torch
 
 from pipelines.bench import percentiles
-from recsys.config import ModelConfig
-from recsys.model.gru4rec import GRU4Rec
+from recsys.data.schema import ITEM, SESSION, SUPPORT, TIME
 from recsys.serving import SessionRecommender
 
-DIGINETICA = (
-    Path(__file__).resolve().parent.parent.parent / "shared/data/diginetica/diginetica_sessions.tsv"
-)
-N_ITEMS = 43_097
-UNITS = 512
 K = 20
 HOST = "127.0.0.1"  # loopback only
+PACED_RATE = 2.0  # requests/s per paced client: a visitor clicking every half second
+# One uvicorn worker: with --workers N uvicorn's listener loses TCP_NODELAY (uvicorn issue
+# #3149), and every keep-alive request past the first waits ~40 ms on a delayed ACK (measured
+# here: 44 ms p50 for one client with 2 workers, 5.6 ms with 1).
+WORKERS = 1
 
 
-def catalogue() -> tuple[list[int], list[float], list[list[int]], str]:
-    """Item ids, their train popularity and test sessions; real Diginetica when available."""
-    if DIGINETICA.exists():
-        import polars as pl
+def build_model(path: Path) -> tuple[Path, list[list[Any]], str]:
+    """The benchmark model saved like a trained one, its test sessions (original ids), a note.
 
-        log = pl.read_csv(DIGINETICA, separator="\t")
-        counts = log.filter(pl.col("split") == "train").group_by("item_id").len().sort("item_id")
-        test = (
-            log.filter(pl.col("split") == "test")
-            .sort("session_id", "position")
-            .group_by("session_id", maintain_order=True)
-            .agg("item_id")
-        )
-        return (
-            counts["item_id"].to_list(),
-            [float(c) for c in counts["len"].to_list()],
-            test["item_id"].to_list(),
-            "Diginetica ids, popularity and test sessions",
-        )
-    rng = np.random.default_rng(0)
-    ids = list(range(1, N_ITEMS + 1))
-    support = (1.0 / np.arange(1, N_ITEMS + 1)).tolist()
-    sessions = [
-        rng.integers(1, N_ITEMS + 1, int(rng.integers(1, 11))).tolist() for _ in range(5000)
-    ]
-    return ids, support, sessions, "synthetic ids (../shared/data/diginetica not found)"
+    ``bench_train.bench_model``: the trained Diginetica model when present, else a briefly
+    trained one; never random weights, whose flat scores no certified top-k could settle.
+    """
+    from pipelines.bench_train import bench_model, load_train
 
-
-def build_model(item_ids: list[int], support: list[float], path: Path) -> Path:
-    """A random-init GRU4Rec of the Diginetica shape, saved like a trained one."""
-    model = GRU4Rec(len(item_ids), ModelConfig(layers=[UNITS], embedding="shared"), seed=0)
-    model.save(path, {"item_ids": item_ids, "support": support, "dataset": "bench"})
-    return path
+    dataset, origin = load_train()
+    model, which = bench_model(dataset)
+    items = dataset.items.sort("item_idx")
+    model.save(path, {"item_ids": items[ITEM].to_list(), "support": items[SUPPORT].to_list()})
+    sessions = (
+        dataset.test.sort(SESSION, TIME)
+        .group_by(SESSION, maintain_order=True)
+        .agg(ITEM)[ITEM]
+        .to_list()
+    )
+    note = f"{which}, {dataset.n_items:,} items, {origin} test sessions"
+    return path, sessions, note
 
 
 def time_calls(calls: list[Callable[[], Any]], warmup: int = 20) -> list[float]:
@@ -106,46 +95,43 @@ def row(case: str, samples: list[float], note: str, **extra: Any) -> dict[str, A
     }
 
 
-def bench_in_process(
-    model_path: Path, sessions: list[list[int]], n: int, note: str
+def bench_library(
+    model_path: Path, sessions: list[list[Any]], n_calls: int, n_clicks: int, note: str
 ) -> list[dict[str, Any]]:
+    """(a) ``recommend`` of whole sessions and (b) live clicks, per kind of top-k and threads."""
     rows = []
-    default_threads = os.cpu_count() or 1
-    for fast, threads in ((True, 1), (False, 1), (True, default_threads)):
+    clicks = [(sid, item) for sid, s in enumerate(sessions) for item in s][:n_clicks]
+    mean_clicks = np.mean([len(s) for s in sessions[:n_calls]])
+    for fast, threads in ((True, 1), (False, 1), (True, os.cpu_count() or 1)):
         torch.set_num_threads(threads)
-        rec = SessionRecommender.load(model_path, fast_top_k=fast)
-        todo = [lambda s=s, r=rec: r.recommend(s, k=K) for s in sessions[:n]]
-        samples = time_calls(todo)
-        kind = "certified fp16 top-k" if fast else "plain fp32 GEMV"
-        stats = rec.fast_stats
-        rows.append(
-            row(
-                f"(a) in-process top-{K}, {kind}, {threads} thread(s)",
-                samples,
-                f"{note}; mean session {np.mean([len(s) for s in sessions[:n]]):.1f} clicks"
-                + (
-                    f"; certified {stats['certified']}, fell back {stats['fallback']}"
-                    if fast
-                    else ""
-                ),
+        for case in ("a", "b"):
+            rec = SessionRecommender.load(model_path, fast_top_k=fast)
+            if case == "a":
+                calls = [lambda s=s, r=rec: r.recommend(s, k=K) for s in sessions[:n_calls]]
+                label, detail = "(a) in-process top-", f"; mean session {mean_clicks:.1f} clicks"
+            else:
+                live = rec.live()
+                calls = [lambda c=c, lv=live: lv.click(*c, k=K) for c in clicks]
+                label, detail = "(b) live click + top-", ""
+            samples = time_calls(calls, warmup=20 if case == "a" else 0)
+            stats = rec.fast_stats
+            rows.append(
+                row(
+                    f"{label}{K}, {_kind(fast)}, {threads} thread(s)",
+                    samples,
+                    note + detail + (_certified(stats) if fast else ""),
+                )
             )
-        )
     torch.set_num_threads(1)
-    return rows
+    return sorted(rows, key=lambda r: r["case"][:3])
 
 
-def bench_live(
-    model_path: Path, sessions: list[list[int]], n: int, note: str
-) -> list[dict[str, Any]]:
-    rows = []
-    for fast in (True, False):
-        rec = SessionRecommender.load(model_path, fast_top_k=fast)
-        live = rec.live()
-        clicks = [(sid, item) for sid, s in enumerate(sessions) for item in s][:n]
-        samples = time_calls([lambda c=c, lv=live: lv.click(*c, k=K) for c in clicks], warmup=0)
-        kind = "certified fp16 top-k" if fast else "plain fp32 GEMV"
-        rows.append(row(f"(b) live click + top-{K}, {kind}, 1 thread", samples, note))
-    return rows
+def _kind(fast: bool) -> str:
+    return "certified int8 pass + fp32 check" if fast else "plain fp32 GEMV"
+
+
+def _certified(stats: dict[str, int]) -> str:
+    return f"; certified {stats['certified']}, fell back {stats['fallback']}"
 
 
 # --- REST ---------------------------------------------------------------------------------------
@@ -185,7 +171,7 @@ def log_pyfunc(model_path: Path, sessions: list[list[int]]) -> str:
 
 
 @contextlib.contextmanager
-def rest_server(model_uri: str, env: dict[str, str], log: Path) -> Iterator[str]:
+def rest_server(model_uri: str, env: dict[str, str], log: Path, workers: int = 1) -> Iterator[str]:
     """`mlflow models serve` on a free loopback port; SIGTERM to its process group at the end."""
     bin_dir = Path(sys.executable).parent
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
@@ -193,7 +179,7 @@ def rest_server(model_uri: str, env: dict[str, str], log: Path) -> Iterator[str]
     cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*cmd, "-h", HOST, "-p", str(port)],
+            [*cmd, "-h", HOST, "-p", str(port), "--workers", str(workers)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -223,9 +209,21 @@ def rest_server(model_uri: str, env: dict[str, str], log: Path) -> Iterator[str]
 
 
 def load_test(
-    url: str, bodies: list[bytes], clients: int, seconds: float, max_requests: int = 1_000_000
+    url: str,
+    bodies: list[bytes],
+    clients: int,
+    seconds: float,
+    max_requests: int = 1_000_000,
+    rate_per_client: float | None = None,
 ) -> dict[str, Any]:
-    """``clients`` threads, each with a keep-alive connection, posting until the deadline."""
+    """``clients`` threads, each with a keep-alive connection, posting until the deadline.
+
+    Closed loop (``rate_per_client`` None): each client sends its next request as soon as the
+    last one returns, so the server is saturated and latency is mostly queueing. Paced: each
+    client sends on a fixed schedule (a visitor clicking every ``1 / rate`` s, phases spread),
+    and latency counts from the *scheduled* send time, so a stalled server is not excused by
+    clients that waited for it (no coordinated omission).
+    """
     port = int(url.rsplit(":", 1)[1])
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
@@ -237,10 +235,15 @@ def load_test(
         conn = http.client.HTTPConnection(HOST, port, timeout=30)
         start_gate.wait()
         i = c
+        due = time.perf_counter() + (c / clients / rate_per_client if rate_per_client else 0.0)
         while time.monotonic() < deadline[0] and len(latencies[c]) + errors[c] < per_client:
             body = bodies[i % len(bodies)]
             i += clients
-            t0 = time.perf_counter()
+            if rate_per_client:
+                time.sleep(max(0.0, due - time.perf_counter()))
+                t0, due = due, due + 1.0 / rate_per_client
+            else:
+                t0 = time.perf_counter()
             try:
                 conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
                 response = conn.getresponse()
@@ -300,20 +303,45 @@ def bench_rest(
         json.dumps({"dataframe_records": [{"items": s}], "params": {"k": K}}).encode()
         for s in sessions[:2000]
     ]
+    empty = json.dumps({"dataframe_records": [{"items": []}], "params": {"k": K}}).encode()
     clients, seconds = (10, 5.0) if quick else (50, 60.0)
     solo_seconds = 3.0 if quick else 10.0
+    server = f"server: {WORKERS} worker x 1 torch thread; clients on the same machine"
+    cases = [
+        (
+            "1 client, empty sessions (popular fallback: the HTTP + MLflow stack alone)",
+            [empty],
+            1,
+            solo_seconds,
+            None,
+        ),
+        ("1 client", bodies, 1, solo_seconds, None),
+        (
+            f"{clients} clients, closed loop (each sends when its last reply is back)",
+            bodies,
+            clients,
+            seconds,
+            None,
+        ),
+        (
+            f"{clients} clients paced at {PACED_RATE:g} req/s each (latency from the scheduled send)",
+            bodies,
+            clients,
+            seconds,
+            PACED_RATE,
+        ),
+    ]
     rows = []
-    with rest_server(model_uri, env, workdir / "server.log") as url:
+    with rest_server(model_uri, env, workdir / "server.log", WORKERS) as url:
         load_test(url, bodies[:50], 1, 1.0)  # warm-up
-        for n, secs in ((1, solo_seconds), (clients, seconds)):
-            result = load_test(url, bodies, n, secs)
+        for label, payloads, n, secs, rate in cases:
+            result = load_test(url, payloads, n, secs, rate_per_client=rate)
             rows.append(
                 {
                     **row(
-                        f"(c) REST POST /invocations, {n} concurrent client(s), {secs:.0f} s",
+                        f"(c) REST POST /invocations, {label}, {secs:.0f} s",
                         result["samples"],
-                        f"{note}; one session per request, top-{K}; server: 1 torch thread, "
-                        f"certified fp16 top-k; clients in the same machine",
+                        f"{note}; one session per request, top-{K}; {server}",
                     ),
                     "events_per_s": round(result["rate"], 1),
                     "requests": result["requests"],
@@ -326,15 +354,11 @@ def bench_rest(
 
 def bench_serve(quick: bool) -> list[dict[str, Any]]:
     """Rows for ``make bench`` (see the module docstring)."""
-    torch.set_num_threads(1)
-    item_ids, support, sessions, origin = catalogue()
-    note = f"untrained {UNITS}-unit GRU4Rec, {len(item_ids):,} items ({origin})"
     n_calls, n_clicks = (300, 1000) if quick else (2000, 5000)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         workdir = Path(tmp)
-        model_path = build_model(item_ids, support, workdir / "model.pt")
-        rows = bench_in_process(model_path, sessions, n_calls, note)
-        rows += bench_live(model_path, sessions, n_clicks, note)
+        model_path, sessions, note = build_model(workdir / "model.pt")
+        rows = bench_library(model_path, sessions, n_calls, n_clicks, note)
         rows += bench_rest(model_path, sessions, quick, workdir, note)
     return rows
 

@@ -27,14 +27,11 @@ import torch
 
 from recsys.errors import RecsysError
 from recsys.model.gru4rec import GRU4Rec
+from recsys.model.ranking import FAST_MIN_ITEMS, CatalogueRanker
 from recsys.model.recommender import pad_sessions
 
 MODEL_FILE = "model.pt"
 POPULAR = "popular"
-# The certified half-precision top-k (see ``SessionRecommender.scores_top_k``) pays off once the
-# item matrix no longer fits in cache; below this many items the plain fp32 GEMV is as fast.
-FAST_MIN_ITEMS = 8192
-FAST_EXTRA_CANDIDATES = 64  # candidates re-scored exactly beyond the k asked for
 
 # Stands in for an id that can never be in a catalogue (a JSON ``true``, say): a bool would
 # otherwise hash equal to the integer item 1 or 0.
@@ -120,16 +117,13 @@ class SessionRecommender:
         self.n_items = len(self.item_ids)
         # Popularity is the same for every fallback: rank the catalogue once.
         self._pop_scores, self._pop_order = torch.sort(self.support, descending=True, stable=True)
-        # One session's top-k: a half-precision pass picks candidates, fp32 re-scores them
-        # (None = on for catalogues of FAST_MIN_ITEMS items or more).
+        # Exact top-k with a certified low-precision first pass (recsys.model.ranking);
+        # None = on for catalogues of FAST_MIN_ITEMS items or more (below, fp32 is as fast).
         self.fast_top_k = self.n_items >= FAST_MIN_ITEMS if fast_top_k is None else fast_top_k
         self.fast_stats = {"certified": 0, "fallback": 0}
-        with torch.no_grad():
-            weights = model.item_out.detach()
-            self._out16 = weights.to(torch.float16).contiguous() if self.fast_top_k else None
-            self._max_norm = float(weights.norm(dim=1).max()) if self.n_items else 0.0
-            self._max_bias = float(model.item_bias.detach().abs().max()) if self.n_items else 0.0
-            self._dim = int(weights.shape[1])
+        self.ranker = CatalogueRanker(model.item_out, model.item_bias)
+        if self.fast_top_k and self.n_items:
+            self.ranker.prepare(gemv=True)  # one session's pass: built now, not on a request
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -140,7 +134,7 @@ class SessionRecommender:
         """From a model file, a directory holding ``model.pt``, or an MLflow ``models:/`` URI.
 
         ``threads`` sets torch's thread count for the process (see ``set_threads``);
-        ``fast_top_k`` forces the certified half-precision top-k on or off (default: by size).
+        ``fast_top_k`` forces the certified low-precision first pass on or off (default: by size).
         """
         set_threads(threads)
         text = str(uri)
@@ -187,72 +181,20 @@ class SessionRecommender:
             fallback=POPULAR,
         )
 
-    def top_k(
-        self, scores: torch.Tensor, k: int, seen: Sequence[int] | None = None
-    ) -> tuple[list[Any], list[float]]:
-        """Best k of one row of catalogue scores as original ids; ``seen`` items are left out."""
-        if seen:
-            scores = scores.clone()
-            scores[torch.as_tensor(list(seen), dtype=torch.int64)] = float("-inf")
-        values, idx = torch.topk(scores, min(k, self.n_items))
-        if seen:
-            keep = values > float("-inf")  # a catalogue smaller than k + seen runs out
-            values, idx = values[keep], idx[keep]
-        return [self.item_ids[i] for i in idx.tolist()], values.tolist()
-
-    def approximate_scores(self, output: torch.Tensor) -> torch.Tensor:
-        """Half-precision catalogue scores (n_items,) of one output (1, H): the fast path's pass."""
-        if self._out16 is None:
-            raise RecsysError("the half-precision item matrix is only kept with fast_top_k on")
-        with torch.inference_mode():
-            approx = (output.to(torch.float16) @ self._out16.t())[0].float()
-            return approx + self.model.item_bias
-
-    def half_error_bound(self, output: torch.Tensor) -> float:
-        """An upper bound on |approximate - exact fp32| score of any item, for this output."""
-        return (
-            2.0**-8 * self._max_norm * float(output.norm())
-            + self._dim * 2.0**-24 * float(output.abs().max())  # fp16 subnormal weights
-            + 1e-5 * (1 + self._max_bias)
-        )
-
-    def output_top_k(
-        self, output: torch.Tensor, k: int, seen: Sequence[int] | None = None
-    ) -> tuple[list[Any], list[float]]:
-        """Top-k for one session's GRU output (1, H): the exact fp32 ranking, found fast.
-
-        Scoring the catalogue is one GEMV over the whole item matrix, and on a CPU its time is
-        the time to read that matrix (43k x 512 fp32 = 88 MB: ~8 ms on one core). The fast
-        path reads a half-precision copy instead (half the bytes), takes the best
-        ``k + FAST_EXTRA_CANDIDATES`` candidates, re-scores only those in fp32 with the same
-        kernel as the full pass, and *certifies* the result: with a bound ``e`` on the
-        half-precision error of any item's score, every item left out scored at most the
-        last candidate's approximate score plus ``e``; if the k-th exact score is above that,
-        no item outside the candidates can be in the top k, so the answer equals the full fp32
-        ranking (up to the order of exactly tied scores). Otherwise it falls back to the full
-        fp32 pass. The bound, for inputs rounded to fp16 (relative error 2^-11 each),
-        products summed in fp32 and the sum rounded to fp16 (2^-11 of the score), is
-        ``2^-8 * max_j ||w_j|| * ||h||`` (about four times the worst case of those rounding
-        terms, by Cauchy-Schwarz) plus absolute terms for subnormal halves and the bias.
-        """
-        model = self.model
-        n_cand = k + FAST_EXTRA_CANDIDATES
-        unseen = self.n_items - (len(set(seen)) if seen else 0)
-        if not self.fast_top_k or self._out16 is None or n_cand >= unseen:
-            with torch.inference_mode():
-                return self.top_k(model.score_all(output)[0], k, seen)
-        with torch.inference_mode():
-            approx = self.approximate_scores(output)
-            if seen:
-                approx[torch.as_tensor(list(seen), dtype=torch.int64)] = float("-inf")
-            approx_top, cand = torch.topk(approx, n_cand)  # all unseen: n_cand < unseen
-            exact = torch.addmm(model.item_bias[cand], output, model.item_out[cand].t())[0]
-            values, order = torch.topk(exact, k)
-            if float(values[-1]) > float(approx_top[-1]) + self.half_error_bound(output):
-                self.fast_stats["certified"] += 1
-                return [self.item_ids[i] for i in cand[order].tolist()], values.tolist()
-            self.fast_stats["fallback"] += 1
-            return self.top_k(model.score_all(output)[0], k, seen)
+    def ranked(
+        self, outputs: torch.Tensor, k: int, seen: Sequence[Sequence[int]] | None = None
+    ) -> list[tuple[list[Any], list[float]]]:
+        """Exact top-k of GRU outputs (B, H) as original ids; ``seen[i]`` items are left out."""
+        result = self.ranker.top_k(outputs, k, exclude=seen, fast=self.fast_top_k)
+        if self.fast_top_k:
+            self.fast_stats["certified"] += result.certified
+            self.fast_stats["fallback"] += len(outputs) - result.certified
+        ranked = []
+        for items, values in zip(result.items.tolist(), result.scores.tolist(), strict=True):
+            # a catalogue smaller than k + seen runs out: excluded items come back as -inf
+            kept = [(i, v) for i, v in zip(items, values, strict=True) if v > float("-inf")]
+            ranked.append(([self.item_ids[i] for i, _ in kept], [v for _, v in kept]))
+        return ranked
 
     # --- scoring ----------------------------------------------------------------------------
 
@@ -265,33 +207,28 @@ class SessionRecommender:
     def recommend_batch(
         self, sessions: Sequence[Sequence[Any]], k: int = 20, exclude_seen: bool = False
     ) -> list[Recommendation]:
-        """Top-k for many sessions in one batched GRU pass and one GEMM."""
+        """Top-k for many sessions in one batched GRU pass and one catalogue pass."""
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise RecsysError(f"k must be a positive integer, got {k!r}")
         k = int(k)
         mapped = [self.to_indices(s) for s in sessions]
         known_rows = [i for i, (known, _) in enumerate(mapped) if known]
-        out: list[Recommendation] = []
-        scores = last = None
+        ranked: dict[int, tuple[list[Any], list[float]]] = {}
         if known_rows:
             with torch.inference_mode():
                 prefixes = [np.asarray(mapped[i][0], dtype=np.int64) for i in known_rows]
                 padded, lengths = pad_sessions(prefixes)
                 outs = self.model.encode_sessions(padded, lengths)  # (B, T, H)
                 last = outs[torch.arange(len(prefixes)), lengths - 1]  # (B, H)
-                if len(known_rows) > 1:  # many sessions: one GEMM reads the matrix once
-                    scores = self.model.score_all(last)  # (B, n_items)
-        row_of = {i: row for row, i in enumerate(known_rows)}
-        for i, (known, unknown) in enumerate(mapped):
-            seen = known if exclude_seen else None
-            if i in row_of and scores is not None:
-                ids, vals = self.top_k(scores[row_of[i]], k, seen)
-            elif i in row_of and last is not None:
-                ids, vals = self.output_top_k(last, k, seen)
+            seen = [mapped[i][0] for i in known_rows] if exclude_seen else None
+            ranked = dict(zip(known_rows, self.ranked(last, k, seen), strict=True))
+        out: list[Recommendation] = []
+        for i, (_, unknown) in enumerate(mapped):
+            if i in ranked:
+                ids, vals = ranked[i]
+                out.append(Recommendation(ids, vals, unknown))
             else:
                 out.append(self.popular(k, unknown))
-                continue
-            out.append(Recommendation(ids, vals, unknown))
         return out
 
     def live(
@@ -315,8 +252,9 @@ class _LiveState:
 class LiveSessions:
     """Hidden state per live session: one GRU step per click, bounded by LRU and TTL eviction.
 
-    A click returns the same ranking as re-running the whole session through ``recommend``,
-    without re-reading it. At most ``capacity`` sessions are kept (the least recently clicked
+    A click returns the same ranking as re-running the whole session through ``recommend``
+    (scores equal to float rounding: a click projects its input alone, a re-run the whole
+    session in one product), without re-reading it. At most ``capacity`` sessions are kept (the least recently clicked
     go first) and a session idle for more than ``ttl_seconds`` is forgotten; its next click
     starts it afresh. ``clock`` is injectable so that expiry can be tested without sleeping.
     Safe to call from several threads: the state changes under a lock, scoring outside it.
@@ -386,8 +324,8 @@ class LiveSessions:
                 state = _LiveState(model.init_hidden(1), None, [], now)
             if known:
                 with torch.inference_mode():
-                    x = model.input_table()[torch.tensor(known)]  # (1, D_in)
-                    state.output, state.hidden = model.step(x, state.hidden, train=False)
+                    gates = model.input_gates(torch.tensor(known))  # (1, 3H)
+                    state.output, state.hidden = model.infer_step(gates, state.hidden)
                 state.seen.append(known[0])
             state.touched = now
             self._states[session_id] = state
@@ -396,7 +334,7 @@ class LiveSessions:
             seen = list(state.seen) if exclude_seen else None
         if output is None:
             return self.rec.popular(k, unknown)
-        ids, vals = self.rec.output_top_k(output, k, seen)
+        ids, vals = self.rec.ranked(output, k, [seen] if seen is not None else None)[0]
         return Recommendation(ids, vals, unknown)
 
     def end(self, session_id: Hashable) -> None:

@@ -86,6 +86,12 @@ def sessions(trained: tuple[PreparedDataset, Path]) -> list[list[int]]:
     return real_sessions(trained[0], 25)
 
 
+# A live click computes layer 0's input gates for one click (a matrix-vector product), a re-run
+# for the whole session in one matrix product; BLAS may sum in another order, so the two agree
+# to float rounding (~1e-6 on these scores), not always bit for bit.
+LIVE_ATOL = 1e-5
+
+
 def assert_same(a: Recommendation, b: Recommendation, atol: float = 0.0) -> None:
     """Same ranking and scores; with ``atol`` items whose scores are that close may swap."""
     assert (a.unknown, a.fallback) == (b.unknown, b.fallback)
@@ -190,7 +196,7 @@ def test_recommend_batch_mixes_sessions(rec: SessionRecommender, sessions: list[
         rec.recommend(sessions[0], k=0)
 
 
-# --- the certified half-precision top-k ----------------------------------------------------------
+# --- the certified low-precision top-k ------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -199,24 +205,26 @@ def fast(trained: tuple[PreparedDataset, Path]) -> SessionRecommender:
     return SessionRecommender.load(trained[1], fast_top_k=True)
 
 
-def test_the_half_precision_error_bound_holds(
-    fast: SessionRecommender, sessions: list[list[int]]
+@pytest.mark.parametrize("rows", [1, 16])  # the int8 GEMV pass and the bf16 GEMM pass
+def test_the_cheap_pass_bounds_every_exact_score(
+    fast: SessionRecommender, sessions: list[list[int]], rows: int
 ) -> None:
     index = {item: i for i, item in enumerate(fast.item_ids)}
     prefixes = [np.array([index[i] for i in s[: t + 1]]) for s in sessions for t in range(len(s))]
     padded, lengths = pad_sessions(prefixes)
     outs = fast.model.encode_sessions(padded, lengths)
     last = outs[torch.arange(len(prefixes)), lengths - 1]
-    worst = 0.0
-    for row in range(len(prefixes)):
-        output = last[row : row + 1]
+    assert fast.ranker.uses_gemv(rows) == (rows == 1)
+    tightest = float("inf")
+    for start in range(0, len(prefixes), rows):
+        output = last[start : start + rows]
         with torch.inference_mode():
-            exact = fast.model.score_all(output)[0]
-        error = float((fast.approximate_scores(output) - exact).abs().max())
-        bound = fast.half_error_bound(output)
-        assert error <= bound
-        worst = max(worst, error / bound)
-    assert worst > 0.005  # a bound that holds, yet not so loose that nothing is ever certified
+            exact = fast.model.score_all(output)
+        upper = fast.ranker.upper_bounds(output)
+        assert bool((upper >= exact).all())
+        tightest = min(tightest, float((upper - exact).min()))
+    # a bound that holds, yet not so loose that nothing could ever be certified
+    assert tightest < 0.05 * float(last.norm(dim=1).max()) * fast.ranker.max_norm
 
 
 def test_fast_top_k_equals_the_full_ranking(
@@ -234,7 +242,9 @@ def test_fast_top_k_equals_the_full_ranking(
     assert stats["certified"] > 0.9 * (stats["certified"] + stats["fallback"])
     live = fast.live()
     for t, item in enumerate(sessions[0]):
-        assert_same(live.click("s", item, k=20), rec.recommend(sessions[0][: t + 1], k=20))
+        assert_same(
+            live.click("s", item, k=20), rec.recommend(sessions[0][: t + 1], k=20), atol=LIVE_ATOL
+        )
 
 
 def test_fast_top_k_falls_back_when_it_cannot_certify(
@@ -265,11 +275,14 @@ def test_live_click_equals_rerunning_the_session(
             if t >= len(session):
                 continue
             history.setdefault(sid, []).append(session[t])
-            assert_same(live.click(sid, session[t], k=10), rec.recommend(history[sid], k=10))
+            assert_same(
+                live.click(sid, session[t], k=10), rec.recommend(history[sid], k=10), atol=LIVE_ATOL
+            )
             if t == 1:
                 assert_same(
                     live.click(sid, session[t - 1], k=10, exclude_seen=True),
                     rec.recommend(history[sid] + [session[t - 1]], k=10, exclude_seen=True),
+                    atol=LIVE_ATOL,
                 )
                 history[sid].append(session[t - 1])
     assert len(live) == len(sessions)
@@ -285,7 +298,7 @@ def test_live_unknown_clicks_keep_the_state(
     live.click("s", a)
     got = live.click("s", 987654321, k=5)
     assert_same(got, replace(rec.recommend([a], k=5), unknown=[987654321]))
-    assert_same(live.click("s", b, k=5), rec.recommend([a, b], k=5))
+    assert_same(live.click("s", b, k=5), rec.recommend([a, b], k=5), atol=LIVE_ATOL)
 
 
 def test_live_capacity_evicts_the_least_recently_used(
@@ -300,7 +313,7 @@ def test_live_capacity_evicts_the_least_recently_used(
     live.click("s4", d)
     assert len(live) == 3 and live.evicted == 1
     assert "s2" not in live and all(s in live for s in ("s1", "s3", "s4"))
-    assert_same(live.click("s1", c, k=5), rec.recommend([a, b, c], k=5))
+    assert_same(live.click("s1", c, k=5), rec.recommend([a, b, c], k=5), atol=LIVE_ATOL)
     assert_same(live.click("s2", d, k=5), rec.recommend([d], k=5))  # starts afresh
     live.end("s3")
     assert "s3" not in live
@@ -321,9 +334,9 @@ def test_live_ttl_forgets_idle_sessions(rec: SessionRecommender, sessions: list[
     for t in (12.0, 16.0):
         now[0] = t
         live.click("busy", b)
-    assert_same(live.click("busy", c, k=5), rec.recommend([a, b, b, b, b, c], k=5))
+    assert_same(live.click("busy", c, k=5), rec.recommend([a, b, b, b, b, c], k=5), atol=LIVE_ATOL)
     now[0] = 30.0  # "busy" idle for 14 s: its next click starts a new session
-    assert_same(live.click("busy", c, k=5), rec.recommend([c], k=5))
+    assert_same(live.click("busy", c, k=5), rec.recommend([c], k=5), atol=LIVE_ATOL)
     assert live.evicted == 2
 
 
@@ -343,4 +356,4 @@ def test_live_sessions_from_several_threads(
         th.join()
     for sid in range(8):
         for t, got in enumerate(results[sid]):
-            assert_same(got, rec.recommend(sessions[sid][: t + 1], k=5))
+            assert_same(got, rec.recommend(sessions[sid][: t + 1], k=5), atol=LIVE_ATOL)

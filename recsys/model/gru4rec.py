@@ -129,16 +129,30 @@ class GRU4Rec(nn.Module):
 
     def _onehot_cell(self, gi: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
         """GRU cell whose input projection was looked up per item: gi (B, 3H)."""
-        gi = gi + self.b_ih[k]
-        gh = F.linear(h, self.w_hh[k], self.b_hh[k])  # (B, 3H)
-        i_r, i_z, i_n = gi.chunk(3, 1)
-        h_r, h_z, h_n = gh.chunk(3, 1)
-        r = torch.sigmoid(i_r + h_r)
-        z = torch.sigmoid(i_z + h_z)
-        n = torch.tanh(i_n + r * h_n)
-        return n + z * (h - n)
+        return _cell(gi + self.b_ih[k], h, self.w_hh[k], self.b_hh[k])
 
     # --- inference --------------------------------------------------------------------------
+
+    def input_gates(self, items: torch.Tensor) -> torch.Tensor:
+        """Layer 0's input projection, bias included, for item indices of any shape: (..., 3H).
+
+        Inference computes it for a whole session in one product, so that each click then only
+        reads the recurrent weights (a click's cost on a CPU is reading weight matrices).
+        """
+        if self.mode == "none":
+            return self.item_in[items] + self.b_ih[0]
+        return F.linear(self.input_table()[items], self.w_ih[0], self.b_ih[0])
+
+    def infer_step(
+        self, gates: torch.Tensor, hidden: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One click at inference from layer 0's input gates (B, 3H): output (B, H_last), hidden."""
+        h = _cell(gates, hidden[0], self.w_hh[0], self.b_hh[0])
+        new_hidden = [h]
+        for k in range(1, len(hidden)):
+            h = torch.gru_cell(h, hidden[k], self.w_ih[k], self.w_hh[k], self.b_ih[k], self.b_hh[k])
+            new_hidden.append(h)
+        return h, new_hidden
 
     @torch.inference_mode()
     def encode_sessions(self, padded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -149,11 +163,10 @@ class GRU4Rec(nn.Module):
         """
         b, t_max = padded.shape
         hidden = self.init_hidden(b)
-        table = self.input_table()
+        gates = self.input_gates(padded.clamp(0, self.n_items - 1))  # (B, T, 3H), one product
         outs = []
         for t in range(t_max):
-            x = table[padded[:, t].clamp(0, self.n_items - 1)]  # (B, D_in)
-            out, hidden = self.step(x, hidden, train=False)
+            out, hidden = self.infer_step(gates[:, t], hidden)
             outs.append(out)
         return torch.stack(outs, 1)
 
@@ -170,15 +183,14 @@ class GRU4Rec(nn.Module):
         b = len(steps)
         t_max = max(steps, default=0)
         hidden = self.init_hidden(b)
-        table = self.input_table()
         buf = torch.empty(b, t_max, self.layers[-1], device=padded.device)  # (B, T-1, H)
         active = b
         for t in range(t_max):
             while active and steps[active - 1] <= t:
                 active -= 1
             hidden = [h[:active] for h in hidden]
-            out, hidden = self.step(table[items[:active, t]], hidden, train=False)  # (active, H)
-            buf[:active, t] = out
+            out, hidden = self.infer_step(self.input_gates(items[:active, t]), hidden)
+            buf[:active, t] = out  # (active, H)
         buf = buf[torch.argsort(order)]  # back to the callers' session order
         mask = torch.arange(t_max, device=padded.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
         return buf[mask]
@@ -220,3 +232,16 @@ class GRU4Rec(nn.Module):
         model.load_state_dict(payload["state"])
         model.eval()
         return model, payload
+
+
+def _cell(
+    gi: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor
+) -> torch.Tensor:
+    """A GRU cell from its input gates (bias included): the arithmetic of ``torch.gru_cell``."""
+    gh = F.linear(h, w_hh, b_hh)  # (B, 3H)
+    i_r, i_z, i_n = gi.chunk(3, -1)
+    h_r, h_z, h_n = gh.chunk(3, -1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
