@@ -168,8 +168,13 @@ class CatalogueRanker:
             certified = values[:, k - 1] > upper[:, m - 1]
             ranks = None
             if targets is not None:
-                target_score = exact[:, m : m + 1]
                 is_target = cand == targets.view(-1, 1)
+                # A target among the candidates takes its candidate score: the same item in
+                # another column of the product may be summed in another order (a kernel's tail).
+                first = is_target.to(torch.int8).argmax(1, keepdim=True)
+                target_score = torch.where(
+                    is_target.any(1, keepdim=True), cand_exact.gather(1, first), exact[:, m : m + 1]
+                )
                 others = cand_exact.masked_fill(is_target, float("-inf"))
                 above = (others > target_score).sum(1)
                 at_least = (others >= target_score).sum(1) + 1  # + the target itself

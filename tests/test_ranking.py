@@ -1,0 +1,120 @@
+"""The certified catalogue ranker: its answers are those of full fp32 scoring, on both passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys.evaluation import target_ranks
+from recsys.model.ranking import CatalogueRanker
+
+N_ITEMS, DIM, K = 9000, 48, 20
+SUM_ATOL = 1e-5  # fp32 sums in another order: a few ulps of scores of magnitude ~5
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> tuple[torch.Tensor, torch.Tensor]:
+    """Clustered item vectors (like trained embeddings), a popularity-like bias, and exact
+    duplicates of some items so that ties happen."""
+    gen = torch.Generator().manual_seed(7)
+    centres = torch.randn(60, DIM, generator=gen)
+    weights = centres[torch.randint(0, 60, (N_ITEMS,), generator=gen)]
+    weights = 0.4 * weights + 0.25 * torch.randn(N_ITEMS, DIM, generator=gen)
+    weights[100:150] = weights[200:250]  # 50 pairs of identical items
+    bias = 0.2 * torch.randn(N_ITEMS, generator=gen)
+    bias[100:150] = bias[200:250]
+    return weights, bias
+
+
+def outputs(weights: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Session outputs that point at some items, as a trained GRU's do."""
+    gen = torch.Generator().manual_seed(seed)
+    anchors = weights[torch.randint(0, N_ITEMS, (n,), generator=gen)]
+    return torch.tanh(anchors + 0.3 * torch.randn(n, DIM, generator=gen))
+
+
+def full(weights: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(bias, out, weights.t())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 64])  # 1-2: int8 GEMV pass; 64: bf16 GEMM pass
+def test_upper_bounds_hold_for_every_item(
+    catalogue: tuple[torch.Tensor, torch.Tensor], rows: int
+) -> None:
+    weights, bias = catalogue
+    ranker = CatalogueRanker(weights, bias)
+    assert ranker.uses_gemv(rows) == (rows <= 2)
+    for seed in range(5):
+        out = outputs(weights, rows, seed)
+        exact = full(weights, bias, out)
+        upper = ranker.upper_bounds(out)
+        assert bool((upper >= exact).all())
+        # tight enough to be useful: well inside the spread of the scores
+        assert float((upper - exact).max()) < 0.3 * float(exact.std())
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("ties", ["conservative", "standard", "median"])
+def test_top_k_and_ranks_equal_full_fp32(
+    catalogue: tuple[torch.Tensor, torch.Tensor], rows: int, ties: str
+) -> None:
+    weights, bias = catalogue
+    ranker = CatalogueRanker(weights, bias)
+    out = outputs(weights, 256, seed=rows)
+    scores = full(weights, bias, out)
+    # targets: half inside the top 20 (some of them duplicated items, so tied), half anywhere
+    gen = torch.Generator().manual_seed(3)
+    inside = torch.topk(scores, K, dim=1).indices[torch.arange(256), torch.randint(0, K, (256,))]
+    anywhere = torch.randint(0, N_ITEMS, (256,), generator=gen)
+    targets = torch.where(torch.arange(256) % 2 == 0, inside, anywhere)
+    expected_ranks = target_ranks(scores, targets, ties)
+    certified = 0
+    for start in range(0, 256, rows):
+        part = slice(start, start + rows)
+        got = ranker.top_k(out[part], K, targets=targets[part], ties=ties)
+        assert got.ranks is not None
+        certified += got.certified
+        within = expected_ranks[part] <= K
+        assert torch.equal(got.ranks[within], expected_ranks[part][within])
+        assert bool((got.ranks[~within] > K).all())
+        # Candidates are rescored by a batched product whose sums may round differently from
+        # the full GEMM's in the last bit; the top-k is the same set of items.
+        top_values = torch.topk(scores[part], K, dim=1).values
+        torch.testing.assert_close(got.scores, top_values, rtol=0, atol=SUM_ATOL)
+        torch.testing.assert_close(
+            scores[part].gather(1, got.items), top_values, rtol=0, atol=SUM_ATOL
+        )
+    assert certified > 0.9 * 256  # the cheap pass settled the rows, not the fallback
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_excluded_items_are_never_returned(
+    catalogue: tuple[torch.Tensor, torch.Tensor], rows: int
+) -> None:
+    weights, bias = catalogue
+    ranker = CatalogueRanker(weights, bias)
+    out = outputs(weights, rows, seed=11)
+    scores = full(weights, bias, out)
+    exclude = [torch.topk(scores[i], 5).indices.tolist() + [0, 1] for i in range(rows)]
+    got = ranker.top_k(out, K, exclude=exclude)
+    for i in range(rows):
+        assert not set(got.items[i].tolist()) & set(exclude[i])
+        masked = scores[i].clone()
+        masked[exclude[i]] = float("-inf")
+        torch.testing.assert_close(
+            got.scores[i], torch.topk(masked, K).values, rtol=0, atol=SUM_ATOL
+        )
+    assert got.certified == rows
+
+
+def test_a_catalogue_of_ties_falls_back_to_full_scoring(
+    catalogue: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    weights, _ = catalogue
+    same = weights[:1].expand(N_ITEMS, DIM).contiguous()
+    ranker = CatalogueRanker(same, torch.zeros(N_ITEMS))
+    out = outputs(weights, 3, seed=5)
+    got = ranker.top_k(out[:1], K, targets=torch.tensor([17]))
+    assert got.certified == 0  # nothing can be certified when every item scores the same
+    assert got.ranks is not None and int(got.ranks[0]) == K + 1  # conservative: all tie
+    assert torch.equal(got.scores, full(same, torch.zeros(N_ITEMS), out[:1]).topk(K).values)
