@@ -82,25 +82,23 @@ class CatalogueRanker:
         """
         with torch.inference_mode():
             if self.uses_gemv(len(out)):
-                approx = self._int8_scores(out)
-                return approx + self._int8_slack(out)
+                return self._int8_upper(out)
             approx = self._bf16_scores(out).float()
             return approx + self._bf16_slack(out).unsqueeze(1)
 
-    def _int8_scores(self, out: torch.Tensor) -> torch.Tensor:
+    def _int8_upper(self, out: torch.Tensor) -> torch.Tensor:
+        """(M, n) int8-pass upper bounds, in a handful of in-place ops (this is a click's path)."""
         self.prepare(gemv=True)
         assert self._int8 is not None
-        q, scale16, _ = self._int8
-        return torch.ops.aten._weight_int8pack_mm(out.bfloat16(), q, scale16).float() + self.bias
-
-    def _int8_slack(self, out: torch.Tensor) -> torch.Tensor:
-        assert self._int8 is not None
-        scale = self._int8[2]
-        l1 = out.abs().sum(1, keepdim=True)  # (M, 1)
-        l2 = out.norm(dim=1, keepdim=True)
+        q, scale16, scale = self._int8
+        approx = torch.ops.aten._weight_int8pack_mm(out.bfloat16(), q, scale16).float()
+        approx.add_(self.bias)
         rel = 4.1 * BF16_UNIT + 2 * self.dim * FP32_UNIT
-        absolute = 4 * FP32_UNIT * (l2 * self.max_norm + self.max_bias)  # the fp32 bias add
-        return 0.5 * l1 * scale + rel * l2 * self.norms + absolute
+        for i in range(len(out)):  # a row or two: per-row scalars beat (M, n) broadcasts
+            l1, l2 = float(out[i].abs().sum()), float(out[i].norm())
+            absolute = 4 * FP32_UNIT * (l2 * self.max_norm + self.max_bias)  # the fp32 bias add
+            approx[i].add_(scale, alpha=0.5 * l1).add_(self.norms, alpha=rel * l2).add_(absolute)
+        return approx
 
     def _bf16_scores(self, out: torch.Tensor) -> torch.Tensor:
         self.prepare(gemv=False)
@@ -117,7 +115,7 @@ class CatalogueRanker:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The m items with the best upper bounds per row: (bounds (M, m) fp32, items (M, m))."""
         if self.uses_gemv(len(out)):
-            upper = self._int8_scores(out) + self._int8_slack(out)
+            upper = self._int8_upper(out)
             _mask(upper, exclude)
             return torch.topk(upper, m, dim=1)
         # One bound per row: the best bounds are the best approximate scores (no (M, n) sum).
