@@ -59,7 +59,7 @@ recommend: $(STAMP) ## Top-K for one session: make recommend ITEMS="id1,id2" [CO
 	$(VENV)/bin/recsys recommend --model "models:/gru4rec-$$($(PY) -c 'import sys,yaml; print(yaml.safe_load(open(sys.argv[1]))["name"])' $(CONFIG))@champion" --items "$(ITEMS)" -k $(K)
 
 serve: $(STAMP) ## REST server for the champion of CONFIG on 127.0.0.1:PORT (POST /invocations)
-	mlflow models serve -m "models:/gru4rec-$$($(PY) -c 'import sys,yaml; print(yaml.safe_load(open(sys.argv[1]))["name"])' $(CONFIG))@champion" --env-manager local -h 127.0.0.1 -p $(PORT)
+	$(VENV)/bin/recsys serve --config $(CONFIG) --port $(PORT)
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1:UI_PORT against the project store
 	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT) --workers 1

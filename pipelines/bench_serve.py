@@ -19,19 +19,14 @@ Cases (each a row: latency percentiles in ms and events/s):
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +34,13 @@ import numpy as np
 import torch
 
 from pipelines.bench import percentiles
+from pipelines.serve import HOST, running_server
 from recsys.data.schema import ITEM, SESSION, SUPPORT, TIME
 from recsys.serving import SessionRecommender
 
 K = 20
-HOST = "127.0.0.1"  # loopback only
 PACED_RATE = 2.0  # requests/s per paced client: a visitor clicking every half second
-# One uvicorn worker: with --workers N uvicorn's listener loses TCP_NODELAY (uvicorn issue
-# #3149), and every keep-alive request past the first waits ~40 ms on a delayed ACK (measured
-# here: 44 ms p50 for one client with 2 workers, 5.6 ms with 1).
-WORKERS = 1
+WORKERS = 1  # see pipelines.serve: uvicorn's --workers N loses TCP_NODELAY
 
 
 def build_model(path: Path) -> tuple[Path, list[list[Any]], str]:
@@ -137,12 +129,6 @@ def _certified(stats: dict[str, int]) -> str:
 # --- REST ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def log_pyfunc(model_path: Path, sessions: list[list[int]]) -> str:
     """Log the model as ``recsys register`` does (same entry point, code, signature)."""
     import mlflow
@@ -168,44 +154,6 @@ def log_pyfunc(model_path: Path, sessions: list[list[int]]) -> str:
             model_config={"k": K},
         )
     return str(info.model_uri)
-
-
-@contextlib.contextmanager
-def rest_server(model_uri: str, env: dict[str, str], log: Path, workers: int = 1) -> Iterator[str]:
-    """`mlflow models serve` on a free loopback port; SIGTERM to its process group at the end."""
-    bin_dir = Path(sys.executable).parent
-    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
-    port = _free_port()
-    cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "-h", HOST, "-p", str(port), "--workers", str(workers)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    url = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start:\n{log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.25)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def load_test(
@@ -332,7 +280,7 @@ def bench_rest(
         ),
     ]
     rows = []
-    with rest_server(model_uri, env, workdir / "server.log", WORKERS) as url:
+    with running_server(model_uri, env, workdir / "server.log", WORKERS) as url:
         load_test(url, bodies[:50], 1, 1.0)  # warm-up
         for label, payloads, n, secs, rate in cases:
             result = load_test(url, payloads, n, secs, rate_per_client=rate)

@@ -137,6 +137,36 @@ def pipeline(config_path: Path, force: bool, promote: bool) -> None:
 
 
 @main.command()
+@CONFIG
+@click.option(
+    "--model", "-m", "model_uri", help="A models:/ or runs:/ URI (default: the config's champion)."
+)
+@click.option("--port", "-p", type=click.IntRange(1, 65535), default=5055, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="uvicorn workers; above 1, uvicorn issue #3149 adds ~40 ms per keep-alive request.",
+)
+@friendly_errors
+def serve(config_path: Path, model_uri: str | None, port: int, host: str, workers: int) -> None:
+    """REST server (mlflow models serve) for the champion: POST /invocations, see docs/serving.md."""
+    import os
+
+    from pipelines.serve import champion_uri, server_command, server_env
+    from recsys.mlflow_store import QUIET_ENV, tracking_uri
+
+    uri = model_uri or champion_uri(_load(config_path).name)
+    # the server resolves models:/ in the project's store unless the user named another one
+    env = {**QUIET_ENV, **os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
+    click.echo(f"serving {uri} on http://{host}:{port} (Ctrl-C stops it)", err=True)
+    command = server_command(uri, port, host, workers)
+    os.execve(command[0], command, server_env(env))
+
+
+@main.command()
 @click.option(
     "--model", "-m", "model_uri", required=True, help="Model file/dir or models:/name@alias."
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,15 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipelines.serve import free_port, wait_ready
 from recsys.data.schema import ITEM, SESSION
 from recsys.serving import SessionRecommender
-from tests.conftest import QUIET, run_cli, tiny_config, write_config
+from tests.conftest import QUIET, ROOT, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # SQLAlchemy, in MLflow
 
 NAME = "tiny"
 MODEL_URI = f"models:/gru4rec-{NAME}@champion"
-START_TIMEOUT = 90.0
 
 
 @dataclass
@@ -66,28 +65,6 @@ class Server:
         return answer["predictions"]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(
-                f"the server exited with {server.proc.returncode}:\n{server.log.read_text()}"
-            )
-        try:
-            with urllib.request.urlopen(f"{server.url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.25)
-    pytest.fail(f"the server did not answer /ping in {START_TIMEOUT} s:\n{server.log.read_text()}")
-
-
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -110,23 +87,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert proc.returncode == 0, proc.stderr
     assert f"load it with: {MODEL_URI}" in proc.stdout
 
-    venv_bin = Path(sys.executable).parent  # `mlflow models serve` execs `uvicorn` from PATH
-    env = {**os.environ, **env, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # `recsys serve` (what `make serve` runs) execs `mlflow models serve` in its own process
+    # group (uvicorn is its child), so the last test can check that a SIGTERM stops them all.
     port = free_port()
     log = workdir / "server.log"
     with log.open("wb") as out:
         server_proc = subprocess.Popen(
-            [str(venv_bin / "mlflow"), "models", "serve", "-m", MODEL_URI]
-            + ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-            env=env,
+            [sys.executable, "-m", "pipelines.cli", "serve", "--config", str(config)]
+            + ["--port", str(port)],
+            cwd=ROOT,
+            env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: uvicorn is its child
+            start_new_session=True,
         )
     srv = Server(f"http://127.0.0.1:{port}", server_proc, log, workdir, env)
     try:
-        wait_ready(srv)
+        wait_ready(srv.url, server_proc, log)
         yield srv
     finally:
         if group_alive(server_proc.pid):  # a failed test left it running: stop it anyway

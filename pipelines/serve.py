@@ -1,0 +1,114 @@
+"""The REST server: ``mlflow models serve`` on a registered model, started one way everywhere.
+
+``recsys serve`` (and ``make serve``), the REST benchmark and the REST tests all start it here.
+One uvicorn worker by default: with ``--workers N`` uvicorn's listener loses ``TCP_NODELAY``
+(uvicorn issue #3149), and every keep-alive request after the first then waits ~40 ms for a
+delayed ACK (measured: 44 ms p50 for one client with 2 workers, 5.5 ms with 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from recsys.errors import RecsysError
+
+HOST = "127.0.0.1"  # loopback only, unless the user asks for more
+START_TIMEOUT = 120.0
+
+
+def champion_uri(name: str) -> str:
+    """The registry URI that ``recsys register`` gives the champion of a config's dataset."""
+    return f"models:/gru4rec-{name}@champion"
+
+
+def free_port(host: str = HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def server_command(model_uri: str, port: int, host: str = HOST, workers: int = 1) -> list[str]:
+    """The command line; ``--env-manager local`` serves from this environment, no new venv."""
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    return [mlflow, "models", "serve", "-m", model_uri, "--env-manager", "local"] + [
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+
+
+def server_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with this interpreter's bin first on PATH: mlflow execs ``uvicorn`` from PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+
+
+def start_server(
+    model_uri: str, port: int, env: Mapping[str, str], log: Path, workers: int = 1
+) -> subprocess.Popen[bytes]:
+    """Start the server in its own process group (uvicorn is a child), output to ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            server_command(model_uri, port, workers=workers),
+            env=server_env(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until ``/ping`` answers; a server that exits or stays silent is an error with its log."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise RecsysError(
+                f"the server exited with {proc.returncode}:\n{log.read_text()[-2000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise RecsysError(f"the server did not answer /ping in {START_TIMEOUT:.0f} s")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.25)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the whole process group, SIGKILL if it has not gone in 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running_server(
+    model_uri: str, env: Mapping[str, str], log: Path, workers: int = 1
+) -> Iterator[str]:
+    """A started, answering server on a free loopback port; its URL; stopped at the end."""
+    port = free_port()
+    proc = start_server(model_uri, port, env, log, workers)
+    try:
+        url = f"http://{HOST}:{port}"
+        wait_ready(url, proc, log)
+        yield url
+    finally:
+        stop_server(proc)
