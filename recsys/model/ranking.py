@@ -50,22 +50,32 @@ class CatalogueRanker:
             self.max_bias = float(self.bias.abs().max()) if self.n_items else 0.0
         self._int8: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._bf16: torch.Tensor | None = None
+        self._gemv_ok = True  # False once the int8 kernel failed its self-check: bf16 instead
 
     # --- the cheap passes -------------------------------------------------------------------
 
     def uses_gemv(self, rows: int) -> bool:
         """int8 weight-only GEMV for a few rows on CPU (torch's kernel is CPU/bf16-only)."""
-        return rows <= GEMV_ROWS and self.weights.device.type == "cpu"
+        if rows > GEMV_ROWS or self.weights.device.type != "cpu":
+            return False
+        self.prepare(gemv=True)
+        return self._gemv_ok
 
     def prepare(self, gemv: bool = True) -> None:
         """Build the low-precision copy now (so that the first request does not pay for it)."""
         with torch.no_grad():
-            if gemv and self._int8 is None:
+            if gemv and self._int8 is None and self._gemv_ok:
                 amax = self.weights.abs().amax(1)
                 scale16 = torch.where(amax > 0, amax / _INT8_LEVELS, 1.0).bfloat16()
                 scale = scale16.float()
-                q = torch.round(self.weights / scale.unsqueeze(1)).to(torch.int8).contiguous()
+                q = torch.round(self.weights / scale.unsqueeze(1)).to(torch.int8)
+                # torch 2.13's kernel reads garbage (even segfaults) unless the inner dimension
+                # is a multiple of 16 (measured): pad with zero columns, which change no score.
+                q = torch.nn.functional.pad(q, (0, _padded(self.dim) - self.dim)).contiguous()
                 self._int8 = (q, scale16, scale)
+                self._gemv_ok = self._int8_kernel_agrees()
+                if not self._gemv_ok:
+                    self._int8 = None
             if not gemv and self._bf16 is None:
                 # [w_j, b_j] per item, so the bias rides along in the same GEMM: (n, H + 1)
                 self._bf16 = torch.cat((self.weights, self.bias.unsqueeze(1)), 1).bfloat16()
@@ -86,12 +96,29 @@ class CatalogueRanker:
             approx = self._bf16_scores(out).float()
             return approx + self._bf16_slack(out).unsqueeze(1)
 
+    def _int8_product(self, out: torch.Tensor) -> torch.Tensor:
+        """The int8 pass itself: (M, n) bf16 approximations of ``out @ weights.T``."""
+        assert self._int8 is not None
+        q, scale16, _ = self._int8
+        padded = torch.nn.functional.pad(out, (0, q.shape[1] - self.dim))
+        return torch.ops.aten._weight_int8pack_mm(padded.bfloat16(), q, scale16)
+
+    def _int8_kernel_agrees(self) -> bool:
+        """The kernel against the same arithmetic in fp32 on a fixed probe: a kernel that
+        misbehaves on these shapes must not feed the bounds (that would break exactness)."""
+        assert self._int8 is not None
+        q, _, scale = self._int8
+        probe = torch.linspace(-1.0, 1.0, self.dim, device=self.weights.device).unsqueeze(0)
+        got = self._int8_product(probe).float()
+        expected = probe.bfloat16().float() @ (q[:, : self.dim].float() * scale.unsqueeze(1)).t()
+        tolerance = 4 * BF16_UNIT * float(probe.norm()) * self.max_norm + 1e-6
+        return bool(torch.isfinite(got).all()) and float((got - expected).abs().max()) <= tolerance
+
     def _int8_upper(self, out: torch.Tensor) -> torch.Tensor:
         """(M, n) int8-pass upper bounds, in a handful of in-place ops (this is a click's path)."""
         self.prepare(gemv=True)
-        assert self._int8 is not None
-        q, scale16, scale = self._int8
-        approx = torch.ops.aten._weight_int8pack_mm(out.bfloat16(), q, scale16).float()
+        scale = self._int8[2]  # type: ignore[index]
+        approx = self._int8_product(out).float()
         approx.add_(self.bias)
         rel = 4.1 * BF16_UNIT + 2 * self.dim * FP32_UNIT
         for i in range(len(out)):  # a row or two: per-row scalars beat (M, n) broadcasts
@@ -208,6 +235,10 @@ class CatalogueRanker:
         if targets is not None:
             ranks = target_ranks(scores, targets, ties).clamp(max=k + 1)
         return TopK(items, values, ranks, 0)
+
+
+def _padded(dim: int) -> int:
+    return -(-dim // 64) * 64
 
 
 def _mask(scores: torch.Tensor, exclude: Sequence[Sequence[int]] | None) -> None:
