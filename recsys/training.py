@@ -128,19 +128,22 @@ class Trainer:
         loss = self._loss(scores, out_idx, b) / self.config.batch_size
         loss.backward()
 
+        # The optimiser updates the parameters themselves (under no_grad), not their ``.data``:
+        # in-place changes through ``.data`` do not bump a tensor's version, and caches keyed on
+        # it (the catalogue ranker's low-precision copies) would go stale between epochs.
         opt = self.optimizer
         dense = model.dense_parameters()
         opt.dense_all(
             [f"dense{i}" for i in range(len(dense))],
-            [p.data for p in dense],
+            list(dense),
             [p.grad for p in dense],  # type: ignore[misc]
         )
         for p in dense:
             p.grad = None
-        opt.rows("item_out", model.item_out.data, out_rows, item_rows.grad)  # type: ignore[arg-type]
-        opt.rows("item_bias", model.item_bias.data, out_rows, bias_rows.grad)  # type: ignore[arg-type]
+        opt.rows("item_out", model.item_out, out_rows, item_rows.grad)  # type: ignore[arg-type]
+        opt.rows("item_bias", model.item_bias, out_rows, bias_rows.grad)  # type: ignore[arg-type]
         if in_rows is not None:
-            opt.rows("item_in", model.item_in.data, in_rows, in_table.grad)  # type: ignore[union-attr,arg-type]
+            opt.rows("item_in", model.item_in, in_rows, in_table.grad)  # type: ignore[union-attr,arg-type]
         return loss.detach(), [h.detach() for h in hidden]
 
     # --- one epoch --------------------------------------------------------------------------

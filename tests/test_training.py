@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -164,3 +165,36 @@ def test_early_stopping_tunes_on_valid_then_refits_on_train(tmp_path: Path) -> N
         len(tune) == len(fit) + 1 or len(tune) == 4
     )  # stopped one epoch after the best, or ran out
     assert read_meta(config) == meta
+
+
+def test_validation_between_epochs_never_ranks_with_stale_weights() -> None:
+    """The fast ranking caches low-precision copies of the item matrix; every epoch's update must
+    invalidate them, or early stopping would rank validation events with last epoch's items."""
+    import copy
+
+    clean = deterministic_log(n_items=300, n_sessions=900)
+    rng = np.random.default_rng(1)
+    noisy = pl.Series(rng.random(clean.height) < 0.5)  # half the clicks random: metrics move
+    random_items = pl.Series(rng.integers(0, 300, clean.height))
+    log = clean.with_columns(
+        pl.when(noisy).then(random_items).otherwise(pl.col("item_idx")).alias("item_idx")
+    )
+    train = log.filter(pl.col("session_id") < 800)
+    valid = log.filter(pl.col("session_id") >= 800)
+    seen: list[tuple[float, float]] = []
+
+    def validate(model: Any) -> float:
+        live = GRU4RecRecommender(300, model=model)
+        live.fast_ranking = True  # cached on the training model across epochs
+        fresh = GRU4RecRecommender(300, model=copy.deepcopy(model))
+        fresh.fast_ranking = False  # full fp32 scoring of this epoch's weights
+        got = evaluate(live, valid, show_progress=False).metrics["mrr@20"]
+        seen.append((got, evaluate(fresh, valid, show_progress=False).metrics["mrr@20"]))
+        return got
+
+    train_gru4rec(
+        train, 300, ModelConfig(layers=[32]), small_train_config(epochs=3), validate=validate
+    )
+    assert len(seen) == 3
+    assert all(got == expected for got, expected in seen), seen
+    assert len({got for got, _ in seen}) == 3  # the model did change between epochs
