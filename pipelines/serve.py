@@ -56,12 +56,14 @@ def server_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def start_server(
-    model_uri: str, port: int, env: Mapping[str, str], log: Path, workers: int = 1
+    command: list[str], env: Mapping[str, str], log: Path, cwd: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start the server in its own process group (uvicorn is a child), output to ``log``."""
+    """Start a server command in its own process group (uvicorn is a child), output to ``log``:
+    ``server_command``'s, or ``recsys serve`` (which execs it)."""
     with log.open("wb") as out:
         return subprocess.Popen(
-            server_command(model_uri, port, workers=workers),
+            command,
+            cwd=cwd,
             env=server_env(env),
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -105,7 +107,7 @@ def running_server(
 ) -> Iterator[str]:
     """A started, answering server on a free loopback port; its URL; stopped at the end."""
     port = free_port()
-    proc = start_server(model_uri, port, env, log, workers)
+    proc = start_server(server_command(model_uri, port, workers=workers), env, log)
     try:
         url = f"http://{HOST}:{port}"
         wait_ready(url, proc, log)

@@ -135,7 +135,7 @@ class Trainer:
         dense = model.dense_parameters()
         opt.dense_all(
             [f"dense{i}" for i in range(len(dense))],
-            list(dense),
+            dense,
             [p.grad for p in dense],  # type: ignore[misc]
         )
         for p in dense:

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipelines.serve import free_port, wait_ready
+from pipelines.serve import free_port, start_server, stop_server, wait_ready
 from recsys.data.schema import ITEM, SESSION
 from recsys.serving import SessionRecommender
 from tests.conftest import QUIET, ROOT, run_cli, tiny_config, write_config
@@ -91,29 +91,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # group (uvicorn is its child), so the last test can check that a SIGTERM stops them all.
     port = free_port()
     log = workdir / "server.log"
-    with log.open("wb") as out:
-        server_proc = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.cli", "serve", "--config", str(config)]
-            + ["--port", str(port)],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    command = [sys.executable, "-m", "pipelines.cli", "serve", "--config", str(config)]
+    server_proc = start_server([*command, "--port", str(port)], {**os.environ, **env}, log, ROOT)
     srv = Server(f"http://127.0.0.1:{port}", server_proc, log, workdir, env)
     try:
         wait_ready(srv.url, server_proc, log)
         yield srv
     finally:
         if group_alive(server_proc.pid):  # a failed test left it running: stop it anyway
-            os.killpg(server_proc.pid, signal.SIGTERM)
-            try:
-                server_proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server_proc.pid, signal.SIGKILL)
-                server_proc.wait()
+            stop_server(server_proc)
 
 
 @pytest.fixture(scope="module")

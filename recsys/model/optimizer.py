@@ -8,6 +8,8 @@ change (lazy momentum), which is what keeps a step cheap with a large catalogue.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -35,7 +37,7 @@ class RowAdagradM:
 
     @torch.no_grad()
     def dense_all(
-        self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor]
+        self, names: list[str], params: Sequence[torch.Tensor], grads: list[torch.Tensor]
     ) -> None:
         """Update several dense parameters with a handful of fused multi-tensor ops."""
         states = [self._state(n, p) for n, p in zip(names, params, strict=True)]

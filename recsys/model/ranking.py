@@ -178,10 +178,12 @@ class CatalogueRanker:
         from recsys.evaluation import rank_from_counts
 
         k = min(k, self.n_items)
-        m = min(k + (EXTRA_GEMV if self.uses_gemv(len(out)) else EXTRA_BATCH), self.n_items)
-        most_excluded = max((len(set(e)) for e in exclude), default=0) if exclude else 0
         with torch.inference_mode():
-            if not fast or m >= self.n_items - most_excluded:
+            if not fast:  # decided before uses_gemv, which would build the int8 copy
+                return self._full_top_k(out, k, exclude, targets, ties)
+            m = min(k + (EXTRA_GEMV if self.uses_gemv(len(out)) else EXTRA_BATCH), self.n_items)
+            most_excluded = max((len(set(e)) for e in exclude), default=0) if exclude else 0
+            if m >= self.n_items - most_excluded:
                 return self._full_top_k(out, k, exclude, targets, ties)
             upper, cand = self._candidates(out, m, exclude)
             idx = cand if targets is None else torch.cat((cand, targets.view(-1, 1)), 1)
