@@ -21,7 +21,7 @@ from recsys.data.preparation import PreparedDataset, prepare_events
 from recsys.data.sources import read_events
 from recsys.data.synthetic import SyntheticConfig
 from recsys.model.gru4rec import GRU4Rec
-from recsys.training import Trainer, item_support
+from recsys.training import Trainer, item_support, resolve_device
 
 DIGINETICA = (
     Path(__file__).resolve().parent.parent.parent / "shared/data/diginetica/diginetica_sessions.tsv"
@@ -55,6 +55,13 @@ SETTINGS: dict[str, tuple[ModelConfig, TrainConfig]] = {
         ),
     ),
 }
+# (b) with the step's matrix products in bf16 (``train.matmul: bf16``), everything else equal
+SETTINGS["b': the same with bf16 products"] = (
+    SETTINGS["b: Diginetica BPR-max, 512 units, batch 128"][0],
+    SETTINGS["b: Diginetica BPR-max, 512 units, batch 128"][1].model_copy(
+        update={"matmul": "bf16"}
+    ),
+)
 
 
 def load_train() -> tuple[PreparedDataset, str]:
@@ -70,31 +77,46 @@ def load_train() -> tuple[PreparedDataset, str]:
 
 
 def time_steps(
-    data: pl.DataFrame, n_items: int, model_cfg: ModelConfig, train_cfg: TrainConfig, steps: int
+    data: pl.DataFrame,
+    n_items: int,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    steps: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Events/s of ``steps`` steps of the real epoch loop, after a 20-step warm-up run that also
-    fills the negative-sample store."""
-    return train_steps(data, n_items, model_cfg, train_cfg, steps)[0]
+    fills the negative-sample store (and, on a GPU, loads the kernels)."""
+    return train_steps(data, n_items, model_cfg, train_cfg, steps, device)[0]
 
 
 def train_steps(
-    data: pl.DataFrame, n_items: int, model_cfg: ModelConfig, train_cfg: TrainConfig, steps: int
+    data: pl.DataFrame,
+    n_items: int,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    steps: int,
+    device: str = "cpu",
 ) -> tuple[dict[str, Any], GRU4Rec]:
-    """``time_steps``, also returning the model it trained."""
+    """``time_steps``, also returning the model it trained (on the CPU)."""
     torch.manual_seed(0)
     arrays = session_arrays(data)
-    model = GRU4Rec(n_items, model_cfg, seed=0)
-    warm_up = train_cfg.model_copy(update={"max_steps": 20})
-    trainer = Trainer(model, warm_up, item_support(data, n_items), torch.device("cpu"))
+    where = resolve_device(device)
+    model = GRU4Rec(n_items, model_cfg, seed=0).to(where)
+    warm_up = train_cfg.model_copy(update={"max_steps": 20, "device": device})
+    trainer = Trainer(model, warm_up, item_support(data, n_items), where)
     trainer.run_epoch(arrays, epoch=0)
-    trainer.config = train_cfg.model_copy(update={"max_steps": steps})
-    record = trainer.run_epoch(arrays, epoch=0)
+    trainer.config = warm_up.model_copy(update={"max_steps": steps})
+    if where.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    record = trainer.run_epoch(arrays, epoch=0)  # ends by reading the losses back: synchronised
     result = {
         "events_per_s": round(record["events_per_second"]),
         "seconds": round(record["seconds"], 2),
         "steps": record["steps"],
     }
-    return result, model.eval()
+    if where.type == "cuda":
+        result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result, model.cpu().eval()
 
 
 TRAINED = Path(
@@ -120,17 +142,19 @@ def bench_model(dataset: PreparedDataset) -> tuple[GRU4Rec, str]:
     return model, f"512-unit model trained {BRIEF_STEPS} steps of setting (b)"
 
 
-def bench_train(quick: bool) -> list[dict[str, Any]]:
+def bench_train(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
     dataset, origin = load_train()
+    where = resolve_device(device)
+    on = f"{torch.get_num_threads()} threads" if where.type == "cpu" else "GPU"
     rows = []
     for name, (model_cfg, train_cfg) in SETTINGS.items():
         steps = 100 if quick else 600
-        result = time_steps(dataset.train, dataset.n_items, model_cfg, train_cfg, steps)
+        result = time_steps(dataset.train, dataset.n_items, model_cfg, train_cfg, steps, device)
         rows.append(
             {
                 "case": f"train {name}",
                 **result,
-                "note": f"{origin}, {dataset.n_items:,} items, {torch.get_num_threads()} threads",
+                "note": f"{origin}, {dataset.n_items:,} items, {on}",
             }
         )
     return rows

@@ -229,15 +229,25 @@ def score(
 
 @main.command()
 @click.option(
-    "--only", multiple=True, help="Run only these benchmarks (prepare, train, evaluate, serve)."
+    "--only",
+    multiple=True,
+    help="Run only these benchmarks (prepare, train, evaluate, serve; accuracy: a full "
+    "Diginetica training, only when named).",
 )
 @click.option("--quick", is_flag=True, help="Smaller sizes, for a smoke run.")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda", "auto"]),
+    default="cpu",
+    show_default=True,
+    help="Where train and accuracy run (on a GPU only those two run).",
+)
 @friendly_errors
-def bench(only: tuple[str, ...], quick: bool) -> None:
+def bench(only: tuple[str, ...], quick: bool, device: str) -> None:
     """Benchmarks: events/s, latency percentiles and peak memory."""
     from pipelines.bench import run_benchmarks
 
-    run_benchmarks(list(only), quick=quick)
+    run_benchmarks(list(only), quick=quick, device=device)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ exactly where an uninterrupted run would be.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,20 +27,23 @@ from recsys.data.schema import ITEM_IDX
 from recsys.errors import RecsysError
 from recsys.model.gru4rec import GRU4Rec
 from recsys.model.losses import bpr_max, cross_entropy, top1_max
+from recsys.model.matmul import bf16_is_native, linear, use_bf16
 from recsys.model.optimizer import RowAdagradM
 from recsys.model.sampling import SampleStore
 from recsys.progress import Progress
 
 CHECKPOINT = "last.pt"
+CHECK_EVERY = 50  # steps between reading losses back (divergence check, progress bar)
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
+    """The torch device for "cpu", "cuda" or "auto"; ``setting`` names it in the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RecsysError(
-            "train.device is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'"
+            f"{setting} is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'"
         )
     return torch.device(name)
 
@@ -84,6 +88,13 @@ class Trainer:
         )
         self.log_pop = torch.log(self.support.clamp_min(1).to(torch.float32)).to(self.device)
         self.loss_name = cfg.loss
+        self.bf16 = use_bf16(cfg.matmul, self.device)
+        if self.bf16 and self.device.type == "cpu" and not bf16_is_native():
+            print(
+                "note: train.matmul is bf16, but this CPU has no bf16 instructions (AVX512-BF16 "
+                "or AMX): its products are emulated and slower than fp32; set train.matmul: fp32",
+                file=sys.stderr,
+            )
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -120,10 +131,13 @@ class Trainer:
             in_table = model.item_in.detach().index_select(0, in_rows).requires_grad_()  # type: ignore[union-attr]
             x = in_table.index_select(0, in_inv)
         bias_rows = model.item_bias.detach().index_select(0, out_rows).requires_grad_()
-        out, hidden = model.step(x, hidden, train=True)  # (B, H)
+        out, hidden = model.step(x, hidden, train=True, bf16=self.bf16)  # (B, H)
         # Score each distinct row once, then spread the columns: gathering (B, U) scores is far
         # cheaper than gathering (B + n_sample, H) item vectors, forward and backward.
-        distinct = torch.addmm(bias_rows, out, item_rows.t())  # (B, U)
+        if self.bf16:
+            distinct = linear(out, item_rows, bias_rows, bf16=True)  # (B, U)
+        else:
+            distinct = torch.addmm(bias_rows, out, item_rows.t())
         scores = distinct.index_select(1, out_inv)  # (B, B + n_sample)
         loss = self._loss(scores, out_idx, b) / self.config.batch_size
         loss.backward()
@@ -153,7 +167,8 @@ class Trainer:
         model = self.model
         model.train()
         hidden = model.init_hidden(min(cfg.batch_size, max(1, data.n_sessions)))
-        losses = torch.zeros((), dtype=torch.float64)
+        total = 0.0  # summed per-event loss of the steps checked so far
+        pending: list[torch.Tensor] = []  # step losses not yet read back to the host
         events = 0
         steps = 0
         start = time.perf_counter()
@@ -171,32 +186,48 @@ class Trainer:
                 inputs = torch.from_numpy(step.inputs).to(self.device)
                 targets = torch.from_numpy(step.targets).to(self.device)
                 loss, hidden = self.train_step(inputs, targets, hidden)
-                value = float(loss)
-                if not np.isfinite(value):
-                    raise RecsysError(
-                        f"training diverged: the loss became {value} in epoch {epoch + 1}, step "
-                        f"{steps + 1}; lower train.learning_rate (now {cfg.learning_rate}) or "
-                        f"check the data"
-                    )
-                losses += value * cfg.batch_size
+                pending.append(loss)
                 events += b
                 steps += 1
-                if steps % 50 == 0:
-                    bar.update(events - bar.count, loss=float(losses) / max(events, 1))
+                if steps % CHECK_EVERY == 0:
+                    total += self._settle(pending, epoch, steps)
+                    bar.update(events - bar.count, loss=total / max(events, 1))
                 if cfg.max_steps and steps >= cfg.max_steps:
                     break
+            total += self._settle(pending, epoch, steps)
         finally:
-            bar.update(events - bar.count, loss=float(losses) / max(events, 1))
+            bar.update(events - bar.count, loss=total / max(events, 1))
             bar.close()
         seconds = time.perf_counter() - start
         return {
             "epoch": epoch + 1,
-            "loss": float(losses) / max(events, 1),
+            "loss": total / max(events, 1),
             "events": events,
             "steps": steps,
             "seconds": seconds,
             "events_per_second": events / seconds if seconds > 0 else 0.0,
+            "products": "bf16" if self.bf16 else "fp32",
         }
+
+    def _settle(self, pending: list[torch.Tensor], epoch: int, steps: int) -> float:
+        """Read the pending step losses back in one transfer, stop on the first non-finite one,
+        and return their summed per-event loss. Reading every step would make a GPU wait for
+        each step to finish before the host may queue the next."""
+        if not pending:
+            return 0.0
+        values = torch.stack(pending).cpu().tolist()
+        first = steps - len(pending) + 1
+        pending.clear()
+        total = 0.0
+        for i, value in enumerate(values):
+            if not np.isfinite(value):
+                raise RecsysError(
+                    f"training diverged: the loss became {value} in epoch {epoch + 1}, step "
+                    f"{first + i}; lower train.learning_rate (now {self.config.learning_rate}) "
+                    f"or check the data"
+                )
+            total += value * self.config.batch_size
+        return total
 
     # --- checkpoints ------------------------------------------------------------------------
 

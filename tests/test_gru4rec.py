@@ -10,8 +10,9 @@ import torch
 
 from recsys.config import ModelConfig, TrainConfig
 from recsys.errors import RecsysError
-from recsys.model.gru4rec import GRU4Rec
+from recsys.model.gru4rec import GRU4Rec, inverted_dropout
 from recsys.model.losses import bpr_max, cross_entropy, top1_max
+from recsys.model.matmul import bf16_is_native, linear, use_bf16
 from recsys.model.optimizer import RowAdagradM
 from recsys.model.sampling import SampleStore
 from recsys.training import Trainer
@@ -51,6 +52,55 @@ def test_bpr_max_by_hand(elu: float) -> None:
         ranking = sum(s[j] * _sigmoid(row[i] - row[j]) for j in negs)
         expected += -math.log(ranking) + bpreg * sum(s[j] * row[j] ** 2 for j in negs)
     assert float(bpr_max(SCORES, bpreg, elu)) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("elu", [0.0, 1.0])
+def test_bpr_max_gradient_matches_finite_differences(elu: float) -> None:
+    """The hand-written backward of BPR-max (positive column, negatives, ELU) is the gradient."""
+    gen = torch.Generator().manual_seed(3)
+    scores = (torch.randn(4, 9, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: bpr_max(x, 0.9, elu), (scores,))
+
+
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_bf16_linear_is_the_fp32_product_to_bf16_precision(with_grad: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 40, generator=gen).requires_grad_(with_grad)
+    w = torch.randn(9, 40, generator=gen, requires_grad=True)
+    bias = torch.randn(9, generator=gen, requires_grad=True)
+    weights = torch.randn(6, 9, generator=gen)
+    grads = {}
+    for bf16 in (False, True):
+        y = linear(x, w, bias, bf16=bf16)
+        assert y.dtype == torch.float32
+        inputs = [t for t in (x, w, bias) if t.requires_grad]
+        grads[bf16] = (y, *torch.autograd.grad((y * weights).sum(), inputs))
+    assert not torch.equal(grads[False][0], grads[True][0])  # the bf16 path was taken
+    for exact, rounded in zip(grads[False], grads[True], strict=True):
+        assert rounded.dtype == torch.float32
+        # bf16 operands: 8 significant bits, so a few parts in a thousand of the magnitude
+        scale = float(exact.detach().abs().max())
+        assert torch.allclose(exact, rounded, rtol=0, atol=2e-2 * scale)
+
+
+def test_matmul_setting_resolves_to_bf16_only_where_it_is_faster() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert use_bf16("bf16", cpu) and use_bf16("bf16", gpu)
+    assert not use_bf16("fp32", cpu) and not use_bf16("fp32", gpu)
+    assert use_bf16("auto", cpu) == bf16_is_native()
+    assert not use_bf16("auto", gpu)  # a GPU step is bound by kernel launches, not products
+
+
+def test_dropout_keeps_each_unit_with_probability_one_minus_p() -> None:
+    torch.manual_seed(0)
+    x = torch.full((400, 500), 3.0, requires_grad=True)
+    y = inverted_dropout(x, 0.3)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(float(kept.float().mean()) - 0.7) < 4 * math.sqrt(0.7 * 0.3 / n)
+    assert torch.allclose(y[kept], torch.tensor(3.0 / 0.7))  # inverted: scaled at train time
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(grad != 0, kept)
 
 
 def test_top1_max_by_hand() -> None:
@@ -182,8 +232,8 @@ def test_multilayer_shapes_and_uniform_init(embedding: str) -> None:
     assert out.shape == (3, 8)
     assert [h.shape for h in hidden] == [(3, 16), (3, 8)]
     bound = math.sqrt(6 / (16 + 16))
-    assert float(model.w_hh[0].abs().max()) <= bound
-    assert float(model.item_bias.abs().max()) == 0.0
+    assert float(model.w_hh[0].detach().abs().max()) <= bound
+    assert float(model.item_bias.detach().abs().max()) == 0.0
 
 
 def test_save_and_load_with_weights_only(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from recsys.data.preparation import load_prepared, prepare
 from recsys.errors import RecsysError
 from recsys.evaluation import evaluate
 from recsys.model.recommender import GRU4RecRecommender
-from recsys.training import CHECKPOINT, train_gru4rec
+from recsys.training import CHECKPOINT, Trainer, train_gru4rec
 from tests.conftest import shared_path, tiny_config
 
 
@@ -54,6 +54,21 @@ def test_learns_deterministic_transitions(loss: str) -> None:
         epochs=8, loss=loss, logq=1.0 if loss == "cross-entropy" else 0.0, elu_param=0.5
     )
     result = train_gru4rec(train, 30, ModelConfig(layers=[32]), cfg)
+    rec = GRU4RecRecommender(30, model=result.model)
+    metrics = evaluate(rec, test, cutoffs=[1], show_progress=False).metrics
+    assert metrics["recall@1"] > 0.9, metrics
+
+
+@pytest.mark.parametrize("embedding", ["shared", "separate", "none"])
+def test_bf16_products_learn_deterministic_transitions(embedding: str) -> None:
+    """``train.matmul: bf16`` (bf16 operands for the step's products) still learns, with
+    dropout on, in every embedding mode."""
+    log = deterministic_log()
+    train = log.filter(pl.col("session_id") < 500)
+    test = log.filter(pl.col("session_id") >= 500)
+    cfg = small_train_config(epochs=8, loss="bpr-max", elu_param=0.5, matmul="bf16")
+    model_cfg = ModelConfig(layers=[32], embedding=embedding, dropout_embed=0.1)
+    result = train_gru4rec(train, 30, model_cfg, cfg)
     rec = GRU4RecRecommender(30, model=result.model)
     metrics = evaluate(rec, test, cutoffs=[1], show_progress=False).metrics
     assert metrics["recall@1"] > 0.9, metrics
@@ -129,6 +144,22 @@ def test_diverging_loss_stops_with_a_clear_message() -> None:
     cfg = small_train_config(learning_rate=1e30, loss="bpr-max", epochs=3)
     with pytest.raises(RecsysError, match="training diverged"):
         train_gru4rec(log, 30, ModelConfig(layers=[8]), cfg)
+
+
+def test_divergence_is_reported_at_its_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Losses are read back in groups of steps; the message still names the first bad one."""
+    real_step = Trainer.train_step
+    calls = {"n": 0}
+
+    def poisoned(self: Trainer, *args: Any) -> Any:
+        loss, hidden = real_step(self, *args)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] in (7, 9) else loss), hidden
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    log = deterministic_log()
+    with pytest.raises(RecsysError, match=r"loss became nan in epoch 1, step 7;"):
+        train_gru4rec(log, 30, ModelConfig(layers=[8]), small_train_config())
 
 
 def test_loss_goes_down_on_a_real_log(tmp_path: Path) -> None:

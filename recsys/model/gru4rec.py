@@ -21,6 +21,7 @@ from torch import nn
 from recsys.atomic import atomic_path
 from recsys.config import ModelConfig
 from recsys.errors import RecsysError
+from recsys.model.matmul import linear
 
 FILE_FORMAT = "recsys-gru4rec"
 FILE_VERSION = 1
@@ -103,33 +104,40 @@ class GRU4Rec(nn.Module):
         return [torch.zeros(batch, h, device=device) for h in self.layers]
 
     def step(
-        self, x: torch.Tensor, hidden: list[torch.Tensor], train: bool
+        self, x: torch.Tensor, hidden: list[torch.Tensor], train: bool, bf16: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One click for every slot: x (B, D_in) input rows -> output (B, H_last), new hidden.
 
         With dropout on the hidden output, the dropped-out vector is also the next hidden state
-        (as in the original), so the next step sees what the scorer saw.
+        (as in the original), so the next step sees what the scorer saw. ``bf16``: the gate
+        products take bf16 operands (``recsys.model.matmul``); the cell arithmetic stays fp32.
         """
         cfg = self.config
         new_hidden: list[torch.Tensor] = []
         if self.mode != "none" and train and cfg.dropout_embed > 0:
-            x = F.dropout(x, cfg.dropout_embed, training=True)
+            x = inverted_dropout(x, cfg.dropout_embed)
         for k, h in enumerate(hidden):
             if k == 0 and self.mode == "none":
-                h_new = self._onehot_cell(x, h, k)
+                h_new = self._onehot_cell(x, h, k, bf16)
                 p = cfg.dropout_embed
+            elif bf16:
+                gi = linear(x, self.w_ih[k], self.b_ih[k], bf16=True)
+                h_new = _cell(gi, h, self.w_hh[k], self.b_hh[k], bf16=True)
+                p = cfg.dropout_hidden
             else:
                 h_new = torch.gru_cell(x, h, self.w_ih[k], self.w_hh[k], self.b_ih[k], self.b_hh[k])
                 p = cfg.dropout_hidden
             if train and p > 0:
-                h_new = F.dropout(h_new, p, training=True)
+                h_new = inverted_dropout(h_new, p)
             new_hidden.append(h_new)
             x = h_new
         return x, new_hidden
 
-    def _onehot_cell(self, gi: torch.Tensor, h: torch.Tensor, k: int) -> torch.Tensor:
+    def _onehot_cell(
+        self, gi: torch.Tensor, h: torch.Tensor, k: int, bf16: bool = False
+    ) -> torch.Tensor:
         """GRU cell whose input projection was looked up per item: gi (B, 3H)."""
-        return _cell(gi + self.b_ih[k], h, self.w_hh[k], self.b_hh[k])
+        return _cell(gi + self.b_ih[k], h, self.w_hh[k], self.b_hh[k], bf16)
 
     # --- inference --------------------------------------------------------------------------
 
@@ -234,14 +242,19 @@ class GRU4Rec(nn.Module):
         return model, payload
 
 
+def inverted_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout. The mask comes from ``rand``, 3x faster on a CPU than the
+    ``bernoulli_`` of ``F.dropout`` (0.25 vs 0.79 ms for 128 x 512, 6% of a (b) step)."""
+    keep = (torch.rand_like(x) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * keep
+
+
 def _cell(
-    gi: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor
+    gi: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, bf16: bool = False
 ) -> torch.Tensor:
     """A GRU cell from its input gates (bias included): the arithmetic of ``torch.gru_cell``."""
-    gh = F.linear(h, w_hh, b_hh)  # (B, 3H)
-    i_r, i_z, i_n = gi.chunk(3, -1)
-    h_r, h_z, h_n = gh.chunk(3, -1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
+    gh = linear(h, w_hh, b_hh, bf16=True) if bf16 else F.linear(h, w_hh, b_hh)  # (B, 3H)
+    split = 2 * h.shape[-1]
+    r, z = torch.sigmoid(gi[..., :split] + gh[..., :split]).chunk(2, -1)  # reset, update
+    n = torch.tanh(gi[..., split:] + r * gh[..., split:])
     return n + z * (h - n)

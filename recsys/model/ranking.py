@@ -179,7 +179,10 @@ class CatalogueRanker:
 
         k = min(k, self.n_items)
         with torch.inference_mode():
-            if not fast:  # decided before uses_gemv, which would build the int8 copy
+            # Decided before uses_gemv, which would build the int8 copy. On a GPU the full fp32
+            # product is cheap, and cuBLAS may reduce bf16 products in reduced precision, which
+            # the bounds below do not cover: the fast pass is for CPUs only.
+            if not fast or self.weights.device.type != "cpu":
                 return self._full_top_k(out, k, exclude, targets, ties)
             m = min(k + (EXTRA_GEMV if self.uses_gemv(len(out)) else EXTRA_BATCH), self.n_items)
             most_excluded = max((len(set(e)) for e in exclude), default=0) if exclude else 0
