@@ -70,7 +70,7 @@ def bench_accuracy(
             "evaluate_s": round(result.seconds, 1),
             "recall@20": round(result.metrics["recall@20"], 4),
             "mrr@20": round(result.metrics["mrr@20"], 4),
-            "note": f"{CONFIG.name} on {device}, {cfg.train.matmul} products, "
+            "note": f"{CONFIG.name} on {device}, {trained.history[-1]['products']} products, "
             f"{result.predictions:,} test predictions, "
             f"epoch losses {[round(r['loss'], 4) for r in trained.history]}",
         }
