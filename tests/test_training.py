@@ -16,7 +16,7 @@ from recsys.errors import RecsysError
 from recsys.evaluation import evaluate
 from recsys.model.recommender import GRU4RecRecommender
 from recsys.training import CHECKPOINT, Trainer, train_gru4rec
-from tests.conftest import shared_path, tiny_config
+from tests.conftest import run_cli, shared_path, tiny_config
 
 
 def deterministic_log(n_items: int = 30, n_sessions: int = 600, seed: int = 0) -> pl.DataFrame:
@@ -229,3 +229,16 @@ def test_validation_between_epochs_never_ranks_with_stale_weights() -> None:
     assert len(seen) == 3
     assert all(got == expected for got, expected in seen), seen
     assert len({got for got, _ in seen}) == 3  # the model did change between epochs
+
+
+def test_a_device_that_is_missing_or_wrong_for_a_benchmark_is_one_clear_error() -> None:
+    """``recsys bench --device cuda`` never prints a CPU number under a GPU label, nor a traceback."""
+    if torch.cuda.is_available():
+        result = run_cli("bench", "--only", "serve", "--device", "cuda", timeout=120)
+        expected = "run on the CPU only; --device cuda applies to accuracy, train"
+    else:
+        result = run_cli("bench", "--device", "cuda", timeout=120)
+        expected = "error: --device is 'cuda' but no CUDA device is available"
+    assert result.returncode == 1, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
