@@ -23,6 +23,7 @@ TAG_CONFIG = "recsys.config_hash"
 TAG_COMMIT = "recsys.git_commit"
 TAG_CACHED = "recsys.cached"
 TAG_MODEL = "recsys.model_fingerprint"
+TAG_PRODUCTS = "recsys.products"  # the precision train.matmul resolved to (fp32 or bf16)
 
 
 def git_commit() -> str:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.tracking import TAG_CACHED, TAG_DATA, TAG_MODEL, Tracker
+from pipelines.tracking import TAG_CACHED, TAG_DATA, TAG_MODEL, TAG_PRODUCTS, Tracker
 from recsys.atomic import write_json
 from recsys.config import Config
 from recsys.data.preparation import PreparedDataset, load_prepared
@@ -91,6 +91,7 @@ def run_train(
                     TAG_DATA: fingerprint,
                     TAG_MODEL: meta["model_fingerprint"],
                     TAG_CACHED: str(cached).lower(),
+                    TAG_PRODUCTS: meta["history"][-1].get("products", "fp32"),
                 }
             )
             for record in meta["history"]:
@@ -110,6 +111,7 @@ def run_train(
     print(
         f"model: {model_path(config)} ({status}); {meta['epochs']} epochs, final loss "
         f"{last['loss']:.4f}, {last['events_per_second']:,.0f} events/s"
+        + (f", {last['products']} products" if "products" in last else "")
     )
     return meta
 

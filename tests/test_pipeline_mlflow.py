@@ -58,6 +58,7 @@ def test_pipeline_logs_runs_params_metrics_artifacts_and_registers(
         assert parent.data.tags[tag]
     train = children["train"]
     assert train.data.tags["recsys.data_fingerprint"] and train.data.tags["recsys.config_hash"]
+    assert train.data.tags["recsys.products"] == "fp32"  # what train.matmul resolved to
     history = c.get_metric_history(train.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2]
     assert c.get_metric_history(train.info.run_id, "events_per_second")
