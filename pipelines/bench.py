@@ -63,6 +63,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mib() -> float:
+    """Peak GPU memory torch allocated in this process (since the last reset of its stats)."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     import numpy as np
 

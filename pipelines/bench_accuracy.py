@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from pipelines.bench import peak_gpu_mib
 from pipelines.bench_train import DIGINETICA
 from recsys.config import load_config
 from recsys.data.preparation import prepare_events
@@ -60,7 +59,7 @@ def bench_accuracy(
     events = sum(r["events"] for r in trained.history)
     gpu = {}
     if trained.model.item_out.device.type == "cuda":
-        gpu["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        gpu["peak_gpu_mib"] = peak_gpu_mib()
     return [
         {
             **gpu,

@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from pipelines.bench import peak_gpu_mib
 from recsys.config import ModelConfig, PreparationConfig, SourceConfig, TrainConfig
 from recsys.data.batching import session_arrays
 from recsys.data.preparation import PreparedDataset, prepare_events
@@ -76,19 +77,6 @@ def load_train() -> tuple[PreparedDataset, str]:
     ), "synthetic stand-in"
 
 
-def time_steps(
-    data: pl.DataFrame,
-    n_items: int,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    steps: int,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Events/s of ``steps`` steps of the real epoch loop, after a 20-step warm-up run that also
-    fills the negative-sample store (and, on a GPU, loads the kernels)."""
-    return train_steps(data, n_items, model_cfg, train_cfg, steps, device)[0]
-
-
 def train_steps(
     data: pl.DataFrame,
     n_items: int,
@@ -97,7 +85,9 @@ def train_steps(
     steps: int,
     device: str = "cpu",
 ) -> tuple[dict[str, Any], GRU4Rec]:
-    """``time_steps``, also returning the model it trained (on the CPU)."""
+    """Events/s of ``steps`` steps of the real epoch loop, after a 20-step warm-up run that also
+    fills the negative-sample store (and, on a GPU, loads the kernels); also the model it
+    trained (on the CPU)."""
     torch.manual_seed(0)
     arrays = session_arrays(data)
     where = resolve_device(device)
@@ -115,7 +105,7 @@ def train_steps(
         "steps": record["steps"],
     }
     if where.type == "cuda":
-        result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["peak_gpu_mib"] = peak_gpu_mib()
     return result, model.cpu().eval()
 
 
@@ -149,7 +139,7 @@ def bench_train(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
     rows = []
     for name, (model_cfg, train_cfg) in SETTINGS.items():
         steps = 100 if quick else 600
-        result = time_steps(dataset.train, dataset.n_items, model_cfg, train_cfg, steps, device)
+        result, _ = train_steps(dataset.train, dataset.n_items, model_cfg, train_cfg, steps, device)
         rows.append(
             {
                 "case": f"train {name}",

@@ -134,10 +134,7 @@ class Trainer:
         out, hidden = model.step(x, hidden, train=True, bf16=self.bf16)  # (B, H)
         # Score each distinct row once, then spread the columns: gathering (B, U) scores is far
         # cheaper than gathering (B + n_sample, H) item vectors, forward and backward.
-        if self.bf16:
-            distinct = linear(out, item_rows, bias_rows, bf16=True)  # (B, U)
-        else:
-            distinct = torch.addmm(bias_rows, out, item_rows.t())
+        distinct = linear(out, item_rows, bias_rows, self.bf16)  # (B, U)
         scores = distinct.index_select(1, out_inv)  # (B, B + n_sample)
         loss = self._loss(scores, out_idx, b) / self.config.batch_size
         loss.backward()

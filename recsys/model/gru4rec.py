@@ -253,7 +253,7 @@ def _cell(
     gi: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, bf16: bool = False
 ) -> torch.Tensor:
     """A GRU cell from its input gates (bias included): the arithmetic of ``torch.gru_cell``."""
-    gh = linear(h, w_hh, b_hh, bf16=True) if bf16 else F.linear(h, w_hh, b_hh)  # (B, 3H)
+    gh = linear(h, w_hh, b_hh, bf16)  # (B, 3H)
     split = 2 * h.shape[-1]
     r, z = torch.sigmoid(gi[..., :split] + gh[..., :split]).chunk(2, -1)  # reset, update
     n = torch.tanh(gi[..., split:] + r * gh[..., split:])
