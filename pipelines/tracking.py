@@ -24,6 +24,7 @@ TAG_COMMIT = "recsys.git_commit"
 TAG_CACHED = "recsys.cached"
 TAG_MODEL = "recsys.model_fingerprint"
 TAG_PRODUCTS = "recsys.products"  # the precision train.matmul resolved to (fp32 or bf16)
+TAG_KERNELS = "recsys.kernels"  # what train.kernels resolved to (native or torch)
 
 
 def git_commit() -> str:

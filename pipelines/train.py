@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.tracking import TAG_CACHED, TAG_DATA, TAG_MODEL, TAG_PRODUCTS, Tracker
+from pipelines.tracking import TAG_CACHED, TAG_DATA, TAG_KERNELS, TAG_MODEL, TAG_PRODUCTS, Tracker
 from recsys.atomic import write_json
 from recsys.config import Config
 from recsys.data.preparation import PreparedDataset, load_prepared
@@ -92,6 +92,7 @@ def run_train(
                     TAG_MODEL: meta["model_fingerprint"],
                     TAG_CACHED: str(cached).lower(),
                     TAG_PRODUCTS: meta["history"][-1].get("products", "fp32"),
+                    TAG_KERNELS: meta["history"][-1].get("kernels", "torch"),
                 }
             )
             for record in meta["history"]:
@@ -112,6 +113,7 @@ def run_train(
         f"model: {model_path(config)} ({status}); {meta['epochs']} epochs, final loss "
         f"{last['loss']:.4f}, {last['events_per_second']:,.0f} events/s"
         + (f", {last['products']} products" if "products" in last else "")
+        + (f", {last['kernels']} kernels" if "kernels" in last else "")
     )
     return meta
 

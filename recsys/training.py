@@ -20,12 +20,14 @@ import numpy as np
 import polars as pl
 import torch
 
+from recsys.allocator import retain_freed_memory
 from recsys.atomic import atomic_path
 from recsys.config import ModelConfig, TrainConfig
 from recsys.data.batching import SessionArrays, session_arrays, session_parallel_batches
 from recsys.data.schema import ITEM_IDX
 from recsys.errors import RecsysError
 from recsys.model.gru4rec import GRU4Rec
+from recsys.model.kernels import native_kernels
 from recsys.model.losses import bpr_max, cross_entropy, top1_max
 from recsys.model.matmul import bf16_is_native, linear, use_bf16
 from recsys.model.optimizer import RowAdagradM
@@ -76,7 +78,10 @@ class Trainer:
 
     def __post_init__(self) -> None:
         cfg = self.config
-        self.optimizer = RowAdagradM(cfg.learning_rate, cfg.momentum)
+        self.kernels = native_kernels(cfg.kernels, self.device)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # a step's temporaries would otherwise fault in every time
+        self.optimizer = RowAdagradM(cfg.learning_rate, cfg.momentum, kernels=self.kernels)
         self.sample_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.sampler = SampleStore(
             self.support,
@@ -108,7 +113,7 @@ class Trainer:
                 shift = cfg.logq * logp
             return cross_entropy(scores, shift)
         if self.loss_name == "bpr-max":
-            return bpr_max(scores, cfg.bpreg, cfg.elu_param)
+            return bpr_max(scores, cfg.bpreg, cfg.elu_param, self.kernels)
         return top1_max(scores)
 
     def train_step(
@@ -131,7 +136,7 @@ class Trainer:
             in_table = model.item_in.detach().index_select(0, in_rows).requires_grad_()  # type: ignore[union-attr]
             x = in_table.index_select(0, in_inv)
         bias_rows = model.item_bias.detach().index_select(0, out_rows).requires_grad_()
-        out, hidden = model.step(x, hidden, train=True, bf16=self.bf16)  # (B, H)
+        out, hidden = model.step(x, hidden, train=True, bf16=self.bf16, kernels=self.kernels)
         # Score each distinct row once, then spread the columns: gathering (B, U) scores is far
         # cheaper than gathering (B + n_sample, H) item vectors, forward and backward.
         distinct = linear(out, item_rows, bias_rows, self.bf16)  # (B, U)
@@ -204,6 +209,7 @@ class Trainer:
             "seconds": seconds,
             "events_per_second": events / seconds if seconds > 0 else 0.0,
             "products": "bf16" if self.bf16 else "fp32",
+            "kernels": "native" if self.kernels is not None else "torch",
         }
 
     def _settle(self, pending: list[torch.Tensor], epoch: int, steps: int) -> float:

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
+from recsys.model.kernels import native_kernels
 from tests.conftest import ROOT, run_cli, tiny_config, write_config
 
 
@@ -59,6 +61,9 @@ def test_pipeline_logs_runs_params_metrics_artifacts_and_registers(
     train = children["train"]
     assert train.data.tags["recsys.data_fingerprint"] and train.data.tags["recsys.config_hash"]
     assert train.data.tags["recsys.products"] == "fp32"  # what train.matmul resolved to
+    # what train.kernels (auto) resolved to: native wherever the kernels build (CI included)
+    native = native_kernels("auto", torch.device("cpu")) is not None
+    assert train.data.tags["recsys.kernels"] == ("native" if native else "torch")
     history = c.get_metric_history(train.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2]
     assert c.get_metric_history(train.info.run_id, "events_per_second")

@@ -242,3 +242,41 @@ def test_a_device_that_is_missing_or_wrong_for_a_benchmark_is_one_clear_error() 
     assert result.returncode == 1, result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
+
+
+FAULTS_SCRIPT = """
+import resource, sys
+import torch
+from recsys.allocator import retain_freed_memory
+if sys.argv[1] == "retain":
+    assert retain_freed_memory()
+for _ in range(3):
+    torch.ones(2_000_000).sum()  # 8 MB temporaries, as a training step makes them
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    torch.ones(2_000_000).sum()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+def test_training_keeps_freed_memory_instead_of_faulting_it_in_again() -> None:
+    """glibc in the state ``make pipeline`` ran into (temporaries mapped fresh and trimmed at
+    every free) faults each 8 MB temporary in page by page; after ``retain_freed_memory`` (which
+    the trainer calls on a CPU) they reuse the process's pages."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    faults = {}
+    for mode in ("default", "retain"):
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS_SCRIPT, mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        faults[mode] = float(out.stdout.strip())
+    assert faults["default"] > 1000  # ~1 fault per 4 KB page of each temporary
+    assert faults["retain"] < faults["default"] / 10, faults

@@ -8,6 +8,7 @@ popularity-sampled), columns j >= B are the shared extra samples. Each function 
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -33,11 +34,16 @@ def _negative_weights(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(masked, dim=1)  # (B, B + n_sample), zero on the diagonal
 
 
-def bpr_max(scores: torch.Tensor, bpreg: float, elu_param: float = 0.0) -> torch.Tensor:
+def bpr_max(
+    scores: torch.Tensor, bpreg: float, elu_param: float = 0.0, kernels: ModuleType | None = None
+) -> torch.Tensor:
     """BPR-max (Hidasi & Karatzoglou 2018): -log Σ_j s_j σ(r_i - r_j) + bpreg Σ_j s_j r_j².
 
     ``elu_param`` > 0 applies ELU to the scores first (the best settings use it); 0 = linear.
+    ``kernels`` (``recsys.model.kernels``, CPU): loss and gradient in one fused pass per row.
     """
+    if kernels is not None and scores.device.type == "cpu" and scores.dtype == torch.float32:
+        return _FusedBprMax.apply(scores, bpreg, elu_param, kernels)  # type: ignore[no-any-return]
     return _BprMax.apply(scores, bpreg, elu_param)  # type: ignore[no-any-return]
 
 
@@ -84,6 +90,24 @@ class _BprMax(torch.autograd.Function):
         if ctx.elu_param > 0:  # ELU's derivative from its result: 1 above 0, r + alpha below
             d_r = torch.ops.aten.elu_backward(d_r, ctx.elu_param, 1, 1, True, r)
         return d_r * grad, None, None
+
+
+class _FusedBprMax(torch.autograd.Function):
+    """BPR-max by the C++ kernel, which returns the gradient with the loss (both need the same
+    row softmax and sigmoids, and training always asks for the gradient)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, scores: torch.Tensor, bpreg: float, elu_param: float, kernels: ModuleType
+    ) -> torch.Tensor:
+        per_row, d_scores = kernels.bpr_max(scores.contiguous(), bpreg, elu_param)
+        ctx.save_for_backward(d_scores)
+        return per_row.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (d_scores,) = ctx.saved_tensors
+        return d_scores * grad, None, None, None
 
 
 def top1_max(scores: torch.Tensor) -> torch.Tensor:

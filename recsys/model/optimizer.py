@@ -4,22 +4,32 @@
 ``v = momentum · v + step`` (classical heavy-ball momentum on the Adagrad step); ``p += v``.
 For the item matrices only the touched rows of the parameter, its accumulator and its velocity
 change (lazy momentum), which is what keeps a step cheap with a large catalogue.
+With ``kernels`` (``recsys.model.kernels``, CPU) each update is one fused pass; without, torch ops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
+from torch.autograd.graph import increment_version
 
 
 class RowAdagradM:
     """State (accumulator, velocity) for a set of parameters; dense and row-wise updates."""
 
-    def __init__(self, learning_rate: float, momentum: float = 0.0, eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        learning_rate: float,
+        momentum: float = 0.0,
+        eps: float = 1e-6,
+        kernels: ModuleType | None = None,
+    ) -> None:
         self.lr = learning_rate
         self.momentum = momentum
         self.eps = eps
+        self.kernels = kernels
         self.acc: dict[str, torch.Tensor] = {}
         self.vel: dict[str, torch.Tensor] = {}
         self.row_state: dict[str, torch.Tensor] = {}
@@ -41,6 +51,20 @@ class RowAdagradM:
     ) -> None:
         """Update several dense parameters with a handful of fused multi-tensor ops."""
         states = [self._state(n, p) for n, p in zip(names, params, strict=True)]
+        if self.kernels is not None:
+            none = torch.empty(0)
+            for p, g, (acc, vel) in zip(params, grads, states, strict=True):
+                self.kernels.adagrad_dense_(
+                    p,
+                    acc,
+                    none if vel is None else vel,
+                    g.contiguous(),
+                    self.lr,
+                    self.momentum,
+                    self.eps,
+                )
+            increment_version(params)  # written through a raw pointer: caches must see it
+            return
         accs = [a for a, _ in states]
         torch._foreach_addcmul_(accs, grads, grads)
         steps = torch._foreach_add(accs, self.eps)
@@ -68,6 +92,19 @@ class RowAdagradM:
     def rows(self, name: str, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """Update ``param[rows]`` with ``grad`` (one row per *distinct* index in ``rows``)."""
         state = self._row_state(name, param)
+        if self.kernels is not None:
+            width = param[0].numel()  # a bias (N,) is N rows of width 1
+            self.kernels.adagrad_rows_(
+                param.view(len(param), width),
+                state.view(len(state), state.shape[1], width),
+                rows.contiguous(),
+                grad.reshape(len(rows), width).contiguous(),
+                self.lr,
+                self.momentum,
+                self.eps,
+            )
+            increment_version(param)
+            return
         selected = state.index_select(0, rows)  # (U, slots, ...)
         acc_rows = selected[:, 0].addcmul_(grad, grad)
         step = acc_rows.add(self.eps).rsqrt_().mul_(grad)

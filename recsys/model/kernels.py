@@ -1,0 +1,108 @@
+"""Fused C++ kernels for CPU training (``train.kernels``), built on first use.
+
+Two parts of a step are many cheap passes over memory in torch ops: Adagrad with momentum (for
+item rows also a gather and a scatter of their state) and BPR-max with its gradient (~20 passes
+over the (B, C) score matrix). ``kernels.cpp`` does each in one or a few passes; the arithmetic
+is that of ``recsys.model.optimizer`` and ``recsys.model.losses``, which stay the reference and
+the fallback (docs/benchmarks.md has the timings). The module is compiled with the local C++
+compiler through ``torch.utils.cpp_extension`` into a cache keyed by the source, torch and Python
+versions, so the ~30 s build happens once per machine. Where it cannot be built, ``auto`` falls
+back to torch ops with a note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import time
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from recsys.errors import RecsysError
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+NAME = "recsys_kernels"
+
+
+def build_directory() -> Path:
+    """Where the built module is cached: ``$RECSYS_KERNELS_DIR``, else ``~/.cache/recsys``,
+    one folder per source, torch, Python and CPU architecture (a stale build is never loaded)."""
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + f"|{torch.__version__}|{sys.version}|{platform.machine()}".encode()
+    ).hexdigest()[:16]
+    root = os.environ.get("RECSYS_KERNELS_DIR") or Path.home() / ".cache" / "recsys" / "kernels"
+    return Path(root) / key
+
+
+@cache
+def _load() -> ModuleType | str:
+    """The compiled module, or why it could not be built (one attempt per process)."""
+    from torch.utils import cpp_extension
+
+    where = build_directory()
+    built = any(where.glob(f"{NAME}*.so"))
+    if not built:
+        print(
+            f"building the fused training kernels (once per machine, ~30 s) in {where}",
+            file=sys.stderr,
+        )
+    start = time.perf_counter()
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load_inline(
+            NAME,
+            cpp_sources=[SOURCE.read_text()],
+            functions=["adagrad_rows_", "adagrad_dense_", "bpr_max", "dropout_mask"],
+            # no FP traps: lets the compiler vectorise loops with selects (our exp, ELU)
+            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(where),
+            verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: all the same
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        return lines[-1] if lines else type(exc).__name__
+    if not built:
+        print(f"built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return module
+
+
+def native_kernels(setting: str, device: torch.device) -> ModuleType | None:
+    """Resolve ``train.kernels``: the compiled module, or None for torch ops.
+
+    "auto": the kernels on a CPU when they build (else a note and torch ops); "native": the
+    kernels or a clear error; "torch": torch ops. On a GPU training always uses torch ops.
+    """
+    if setting == "torch":
+        return None
+    if device.type != "cpu":
+        if setting == "native":
+            raise RecsysError(
+                "train.kernels 'native' is for CPU training; use 'auto' or 'torch' "
+                f"with train.device {device.type!r}"
+            )
+        return None
+    loaded = _load()
+    if isinstance(loaded, ModuleType):
+        return loaded
+    if setting == "native":
+        raise RecsysError(
+            f"train.kernels is 'native' but the kernels could not be built ({loaded}); "
+            "install a C++ compiler (g++) and ninja, or use 'auto' or 'torch'"
+        )
+    _note_fallback(loaded)
+    return None
+
+
+@cache
+def _note_fallback(reason: str) -> None:
+    print(
+        f"note: the fused training kernels could not be built ({reason}); training uses torch "
+        "ops (same arithmetic, slower). Set train.kernels: torch to skip the attempt.",
+        file=sys.stderr,
+    )

@@ -1,0 +1,151 @@
+"""The native training kernels (recsys/model/kernels.cpp) against the torch ops they replace."""
+
+from __future__ import annotations
+
+import math
+import os
+from types import ModuleType
+
+import pytest
+import torch
+
+import recsys.model.kernels as kernels_module
+from recsys.errors import RecsysError
+from recsys.model.gru4rec import GRU4Rec, inverted_dropout
+from recsys.model.kernels import native_kernels
+from recsys.model.losses import bpr_max
+from recsys.model.optimizer import RowAdagradM
+from tests.test_training import deterministic_log, small_train_config
+
+
+@pytest.fixture(scope="module")
+def kernels() -> ModuleType:
+    """The built module; without a C++ compiler the tests skip, except in CI, where they fail."""
+    try:
+        module = native_kernels("native", torch.device("cpu"))
+    except RecsysError as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI must build the native kernels: {exc}")
+        pytest.skip(str(exc))
+    assert module is not None
+    return module
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.15])
+@pytest.mark.parametrize("shape", [(50, 8), (50,)])  # item rows, item biases
+def test_row_update_equals_torch_ops(
+    kernels: ModuleType, momentum: float, shape: tuple[int, ...]
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    fused, plain = RowAdagradM(0.05, momentum, kernels=kernels), RowAdagradM(0.05, momentum)
+    p_fused = torch.randn(shape, generator=gen)
+    p_plain = p_fused.clone()
+    touched = torch.zeros(shape[0], dtype=torch.bool)
+    for _ in range(4):
+        rows = torch.randperm(shape[0], generator=gen)[:17]  # distinct, unsorted
+        touched[rows] = True
+        grad = torch.randn((17, *shape[1:]), generator=gen) * 3
+        version = p_fused._version
+        fused.rows("w", p_fused, rows, grad)
+        plain.rows("w", p_plain, rows, grad)
+        assert p_fused._version > version  # caches keyed on the version see the change
+    assert torch.allclose(p_fused, p_plain, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(fused.row_state["w"], plain.row_state["w"], rtol=1e-6, atol=1e-7)
+    assert torch.equal(p_fused[~touched], p_plain[~touched])  # untouched rows: not written
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.3])
+def test_dense_update_equals_torch_ops(kernels: ModuleType, momentum: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    fused, plain = RowAdagradM(0.1, momentum, kernels=kernels), RowAdagradM(0.1, momentum)
+    params = [torch.randn(40_000, generator=gen), torch.randn(30, 20, generator=gen)]
+    copies = [p.clone() for p in params]
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        fused.dense_all(["a", "b"], params, grads)
+        plain.dense_all(["a", "b"], copies, grads)
+    for p, q in zip(params, copies, strict=True):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("elu", [0.0, 1.0])
+def test_bpr_max_kernel_equals_the_reference_loss_and_gradient(
+    kernels: ModuleType, elu: float
+) -> None:
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(16, 200, generator=gen) * 4
+    scores[3, 3] = -40.0  # a positive far below its negatives
+    scores[5, 10:20] = 30.0  # large, tied negatives
+    scores[7] = 0.25  # a row of ties
+    ref_in, fused_in = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+    ref = bpr_max(ref_in, 0.9, elu)
+    fused = bpr_max(fused_in, 0.9, elu, kernels)
+    (ref * 0.5).backward()
+    (fused * 0.5).backward()
+    assert float(fused.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert torch.allclose(fused_in.grad, ref_in.grad, rtol=1e-4, atol=1e-6)  # type: ignore[arg-type]
+
+
+def test_dropout_mask_keeps_each_unit_with_probability_one_minus_p(kernels: ModuleType) -> None:
+    n, p = 1_000_000, 0.3
+    mask = kernels.dropout_mask(n, p, 12345)
+    kept = mask > 0
+    assert abs(float(kept.float().mean()) - 0.7) < 4 * math.sqrt(0.7 * 0.3 / n)
+    assert torch.allclose(mask[kept], torch.tensor(1 / 0.7))  # inverted: scaled at train time
+    k = kept.float()
+    lag1 = float(torch.corrcoef(torch.stack([k[:-1], k[1:]]))[0, 1])
+    other = kernels.dropout_mask(n, p, 54321) > 0
+    across = float(torch.corrcoef(torch.stack([k, other.float()]))[0, 1])
+    assert abs(lag1) < 4 / math.sqrt(n) and abs(across) < 4 / math.sqrt(n)  # independent units
+    assert torch.equal(kernels.dropout_mask(n, p, 12345), mask)  # the seed decides the mask
+
+
+def test_native_dropout_draws_its_seed_from_torch(kernels: ModuleType) -> None:
+    """The mask's seed comes from torch's generator, so a checkpoint (which saves its state)
+    resumes the same masks."""
+    x = torch.ones(64, 32)
+    torch.manual_seed(5)
+    a = inverted_dropout(x, 0.5, kernels)
+    torch.manual_seed(5)
+    b = inverted_dropout(x, 0.5, kernels)
+    c = inverted_dropout(x, 0.5, kernels)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_native_and_torch_training_steps_agree(kernels: ModuleType) -> None:
+    """A few whole BPR-max steps with momentum: the kernels give the torch ops' weights."""
+    from recsys.config import ModelConfig
+    from recsys.data.batching import session_arrays
+    from recsys.training import Trainer, item_support
+
+    log = deterministic_log()
+    weights = []
+    for setting in ("native", "torch"):
+        cfg = small_train_config(loss="bpr-max", momentum=0.3, max_steps=5, kernels=setting)
+        torch.manual_seed(0)
+        model = GRU4Rec(30, ModelConfig(layers=[24]), seed=0)
+        trainer = Trainer(model, cfg, item_support(log, 30), torch.device("cpu"))
+        assert (trainer.kernels is not None) == (setting == "native")
+        trainer.run_epoch(session_arrays(log), 0)
+        weights.append(model.state_dict())
+    for name in weights[0]:
+        assert torch.allclose(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_auto_falls_back_to_torch_ops_with_a_note_and_native_fails_clearly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(kernels_module, "_load", lambda: "g++: command not found")
+    kernels_module._note_fallback.cache_clear()
+    assert native_kernels("auto", torch.device("cpu")) is None
+    assert "could not be built (g++: command not found)" in capsys.readouterr().err
+    with pytest.raises(RecsysError, match="could not be built.*g\\+\\+: command not found"):
+        native_kernels("native", torch.device("cpu"))
+    assert native_kernels("torch", torch.device("cpu")) is None
+
+
+def test_kernels_are_cpu_only() -> None:
+    gpu = torch.device("cuda")
+    assert native_kernels("auto", gpu) is None  # a GPU uses torch ops
+    with pytest.raises(RecsysError, match="'native' is for CPU training"):
+        native_kernels("native", gpu)
