@@ -11,7 +11,7 @@ import torch
 
 import recsys.model.kernels as kernels_module
 from recsys.errors import RecsysError
-from recsys.model.gru4rec import GRU4Rec, inverted_dropout
+from recsys.model.gru4rec import GRU4Rec, _cell, inverted_dropout
 from recsys.model.kernels import native_kernels
 from recsys.model.losses import bpr_max
 from recsys.model.optimizer import RowAdagradM
@@ -86,6 +86,27 @@ def test_bpr_max_kernel_equals_the_reference_loss_and_gradient(
     assert torch.allclose(fused_in.grad, ref_in.grad, rtol=1e-4, atol=1e-6)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_gru_cell_kernel_equals_the_reference_cell_and_its_gradients(
+    kernels: ModuleType, bf16: bool
+) -> None:
+    gen = torch.Generator().manual_seed(4)
+    b, h_dim = 24, 40
+    gi = torch.randn(b, 3 * h_dim, generator=gen) * 4  # saturating gates included
+    h = torch.randn(b, h_dim, generator=gen)
+    w = torch.randn(3 * h_dim, h_dim, generator=gen) * 0.3
+    bias = torch.randn(3 * h_dim, generator=gen)
+    upstream = torch.randn(b, h_dim, generator=gen)
+    results = []
+    for native in (None, kernels):
+        leaves = [t.clone().requires_grad_() for t in (gi, h, w, bias)]
+        out = _cell(*leaves, bf16=bf16, kernels=native)
+        out.backward(upstream)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for ref, fused in zip(*results, strict=True):
+        assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_mask_keeps_each_unit_with_probability_one_minus_p(kernels: ModuleType) -> None:
     n, p = 1_000_000, 0.3
     mask = kernels.dropout_mask(n, p, 12345)
@@ -112,8 +133,14 @@ def test_native_dropout_draws_its_seed_from_torch(kernels: ModuleType) -> None:
     assert torch.equal(a, b) and not torch.equal(b, c)
 
 
-def test_native_and_torch_training_steps_agree(kernels: ModuleType) -> None:
-    """A few whole BPR-max steps with momentum: the kernels give the torch ops' weights."""
+@pytest.mark.parametrize(
+    ("layers", "embedding"), [([24], "shared"), ([16, 12], "separate"), ([16, 12], "none")]
+)
+def test_native_and_torch_training_steps_agree(
+    kernels: ModuleType, layers: list[int], embedding: str
+) -> None:
+    """A few whole BPR-max steps with momentum: the kernels give the torch ops' weights, in every
+    embedding mode and with several layers."""
     from recsys.config import ModelConfig
     from recsys.data.batching import session_arrays
     from recsys.training import Trainer, item_support
@@ -123,7 +150,7 @@ def test_native_and_torch_training_steps_agree(kernels: ModuleType) -> None:
     for setting in ("native", "torch"):
         cfg = small_train_config(loss="bpr-max", momentum=0.3, max_steps=5, kernels=setting)
         torch.manual_seed(0)
-        model = GRU4Rec(30, ModelConfig(layers=[24]), seed=0)
+        model = GRU4Rec(30, ModelConfig(layers=layers, embedding=embedding), seed=0)
         trainer = Trainer(model, cfg, item_support(log, 30), torch.device("cpu"))
         assert (trainer.kernels is not None) == (setting == "native")
         trainer.run_epoch(session_arrays(log), 0)

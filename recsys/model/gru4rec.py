@@ -117,7 +117,8 @@ class GRU4Rec(nn.Module):
         With dropout on the hidden output, the dropped-out vector is also the next hidden state
         (as in the original), so the next step sees what the scorer saw. ``bf16``: the gate
         products take bf16 operands (``recsys.model.matmul``); the cell arithmetic stays fp32.
-        ``kernels`` (``recsys.model.kernels``): dropout masks from the native kernel.
+        ``kernels`` (``recsys.model.kernels``): the cell's element-wise work and the dropout
+        masks from the native kernels.
         """
         cfg = self.config
         new_hidden: list[torch.Tensor] = []
@@ -125,11 +126,11 @@ class GRU4Rec(nn.Module):
             x = inverted_dropout(x, cfg.dropout_embed, kernels)
         for k, h in enumerate(hidden):
             if k == 0 and self.mode == "none":
-                h_new = self._onehot_cell(x, h, k, bf16)
+                h_new = self._onehot_cell(x, h, k, bf16, kernels)
                 p = cfg.dropout_embed
-            elif bf16:
-                gi = linear(x, self.w_ih[k], self.b_ih[k], bf16=True)
-                h_new = _cell(gi, h, self.w_hh[k], self.b_hh[k], bf16=True)
+            elif bf16 or kernels is not None:
+                gi = linear(x, self.w_ih[k], self.b_ih[k], bf16)
+                h_new = _cell(gi, h, self.w_hh[k], self.b_hh[k], bf16, kernels)
                 p = cfg.dropout_hidden
             else:
                 h_new = torch.gru_cell(x, h, self.w_ih[k], self.w_hh[k], self.b_ih[k], self.b_hh[k])
@@ -141,10 +142,15 @@ class GRU4Rec(nn.Module):
         return x, new_hidden
 
     def _onehot_cell(
-        self, gi: torch.Tensor, h: torch.Tensor, k: int, bf16: bool = False
+        self,
+        gi: torch.Tensor,
+        h: torch.Tensor,
+        k: int,
+        bf16: bool = False,
+        kernels: ModuleType | None = None,
     ) -> torch.Tensor:
         """GRU cell whose input projection was looked up per item: gi (B, 3H)."""
-        return _cell(gi + self.b_ih[k], h, self.w_hh[k], self.b_hh[k], bf16)
+        return _cell(gi + self.b_ih[k], h, self.w_hh[k], self.b_hh[k], bf16, kernels)
 
     # --- inference --------------------------------------------------------------------------
 
@@ -261,11 +267,44 @@ def inverted_dropout(x: torch.Tensor, p: float, kernels: ModuleType | None = Non
 
 
 def _cell(
-    gi: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor, bf16: bool = False
+    gi: torch.Tensor,
+    h: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_hh: torch.Tensor,
+    bf16: bool = False,
+    kernels: ModuleType | None = None,
 ) -> torch.Tensor:
-    """A GRU cell from its input gates (bias included): the arithmetic of ``torch.gru_cell``."""
+    """A GRU cell from its input gates (bias included): the arithmetic of ``torch.gru_cell``;
+    with ``kernels`` (a CPU training step) its element-wise part is one native pass."""
     gh = linear(h, w_hh, b_hh, bf16)  # (B, 3H)
+    if kernels is not None and gi.dim() == 2 and gi.device.type == "cpu":
+        return _FusedGruCell.apply(gi, gh, h, kernels)  # type: ignore[no-any-return]
     split = 2 * h.shape[-1]
     r, z = torch.sigmoid(gi[..., :split] + gh[..., :split]).chunk(2, -1)  # reset, update
     n = torch.tanh(gi[..., split:] + r * gh[..., split:])
     return n + z * (h - n)
+
+
+class _FusedGruCell(torch.autograd.Function):
+    """``_cell``'s element-wise part from its gates by the native kernels, forward and backward:
+    one pass each instead of ~10 ops and their autograd nodes (slices of (B, 3H) gates, whose
+    gradients autograd spreads into zeroed buffers)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, kernels: ModuleType
+    ) -> torch.Tensor:
+        gh = gh.contiguous()
+        h = h.contiguous()
+        out, act = kernels.gru_cell_forward(gi.contiguous(), gh, h)  # (B, H), (B, 3H)
+        ctx.save_for_backward(act, gh, h)
+        ctx.kernels = kernels
+        return out  # type: ignore[no-any-return]
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        act, gh, h = ctx.saved_tensors
+        d_gi, d_gh, d_h = ctx.kernels.gru_cell_backward(grad.contiguous(), act, gh, h)
+        return d_gi, d_gh, d_h, None

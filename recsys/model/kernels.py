@@ -57,7 +57,14 @@ def _load() -> ModuleType | str:
         module = cpp_extension.load_inline(
             NAME,
             cpp_sources=[SOURCE.read_text()],
-            functions=["adagrad_rows_", "adagrad_dense_", "bpr_max", "dropout_mask"],
+            functions=[
+                "adagrad_rows_",
+                "adagrad_dense_",
+                "bpr_max",
+                "dropout_mask",
+                "gru_cell_forward",
+                "gru_cell_backward",
+            ],
             # no FP traps: lets the compiler vectorise loops with selects (our exp, ELU)
             extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],
             extra_ldflags=["-fopenmp"],
