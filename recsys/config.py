@@ -132,8 +132,9 @@ class TrainConfig(_Strict):
     # faster on CPUs with AVX512-BF16 or AMX; everything else stays fp32. auto: bf16 on such
     # CPUs, fp32 on other CPUs and on GPUs (where a step is bound by kernel launches)
     matmul: Literal["fp32", "bf16", "auto"] = "fp32"
-    # optimiser updates and BPR-max: native = fused C++ kernels (recsys/model/kernels.py, CPU, built
-    # once with the local compiler), torch = torch ops (same arithmetic); auto = native where it builds
+    # optimiser updates, BPR-max, GRU cell, dropout masks: native = fused C++ kernels
+    # (recsys/model/kernels.py, CPU, built once with the local compiler), torch = torch ops (same
+    # arithmetic; dropout from another random stream); auto = native where it builds
     kernels: Literal["auto", "native", "torch"] = "auto"
     threads: Annotated[int, Field(ge=0)] = 0  # 0 = torch default
     max_steps: Annotated[int, Field(ge=0)] = (

@@ -6,7 +6,8 @@
 //   recsys/model/optimizer.py's: acc += g²; v = m·v − lr·g/√(acc + eps); p += v (without
 //   momentum: p −= lr·g/√(acc + eps)).
 // - BPR-max with its gradient, a few passes per row of the score matrix (recsys/model/losses.py).
-// - Inverted-dropout masks from a counter-based hash (recsys/model/gru4rec.py).
+// - Inverted-dropout masks from a counter-based hash, and the GRU cell's element-wise work with
+//   its backward (recsys/model/gru4rec.py).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

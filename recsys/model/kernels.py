@@ -1,10 +1,11 @@
 """Fused C++ kernels for CPU training (``train.kernels``), built on first use.
 
-Two parts of a step are many cheap passes over memory in torch ops: Adagrad with momentum (for
-item rows also a gather and a scatter of their state) and BPR-max with its gradient (~20 passes
-over the (B, C) score matrix). ``kernels.cpp`` does each in one or a few passes; the arithmetic
-is that of ``recsys.model.optimizer`` and ``recsys.model.losses``, which stay the reference and
-the fallback (docs/benchmarks.md has the timings). The module is compiled with the local C++
+Several parts of a step are many cheap passes over memory in torch ops: Adagrad with momentum
+(for item rows also a gather and a scatter of their state), BPR-max with its gradient (~20 passes
+over the (B, C) score matrix), the GRU cell's element-wise work and its backward, and dropout
+masks. ``kernels.cpp`` does each in one or a few passes; the arithmetic is that of
+``recsys.model.optimizer``, ``recsys.model.losses`` and ``recsys.model.gru4rec``, which stay the
+reference and the fallback (docs/benchmarks.md has the timings). The module is compiled with the local C++
 compiler through ``torch.utils.cpp_extension`` into a cache keyed by the source, torch and Python
 versions, so the ~30 s build happens once per machine. Where it cannot be built, ``auto`` falls
 back to torch ops with a note.
