@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -176,3 +178,28 @@ def test_kernels_are_cpu_only() -> None:
     assert native_kernels("auto", gpu) is None  # a GPU uses torch ops
     with pytest.raises(RecsysError, match="'native' is for CPU training"):
         native_kernels("native", gpu)
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch waits for its build lock without a timeout; a stale one is removed first."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("RECSYS_KERNELS_DIR", str(tmp_path))
+    where = kernels_module.build_directory()
+    where.mkdir(parents=True)
+    lock = where / "lock"
+    lock.touch()
+    old = time.time() - kernels_module.STALE_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    seen = {}
+
+    def fake_build(name: str, **kwargs: object) -> ModuleType:
+        seen["lock"] = lock.exists()
+        seen["dir"] = kwargs["build_directory"]
+        return ModuleType(name)
+
+    monkeypatch.setattr(cpp_extension, "load_inline", fake_build)
+    assert isinstance(kernels_module._load.__wrapped__(), ModuleType)
+    assert seen == {"lock": False, "dir": str(where)}

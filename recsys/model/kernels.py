@@ -17,6 +17,7 @@ import hashlib
 import os
 import platform
 import sys
+import tempfile
 import time
 from functools import cache
 from pathlib import Path
@@ -28,16 +29,30 @@ from recsys.errors import RecsysError
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 NAME = "recsys_kernels"
+STALE_LOCK_SECONDS = 600  # a build takes ~30 s; a lock this old belongs to a killed build
 
 
 def build_directory() -> Path:
-    """Where the built module is cached: ``$RECSYS_KERNELS_DIR``, else ``~/.cache/recsys``,
-    one folder per source, torch, Python and CPU architecture (a stale build is never loaded)."""
+    """Where the built module is cached: ``$RECSYS_KERNELS_DIR``, else ``recsys/kernels`` in the
+    user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``; the temp folder if that is not
+    writable), one folder per source, torch, Python and CPU architecture, so a stale build is
+    never loaded."""
     key = hashlib.sha256(
         SOURCE.read_bytes() + f"|{torch.__version__}|{sys.version}|{platform.machine()}".encode()
     ).hexdigest()[:16]
-    root = os.environ.get("RECSYS_KERNELS_DIR") or Path.home() / ".cache" / "recsys" / "kernels"
-    return Path(root) / key
+    return _cache_root() / key
+
+
+def _cache_root() -> Path:
+    if os.environ.get("RECSYS_KERNELS_DIR"):
+        return Path(os.environ["RECSYS_KERNELS_DIR"])
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    root = Path(cache_home) / "recsys" / "kernels"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"recsys-kernels-{os.getuid()}"
+    return root
 
 
 @cache
@@ -53,6 +68,9 @@ def _load() -> ModuleType | str:
             file=sys.stderr,
         )
     start = time.perf_counter()
+    lock = where / "lock"  # torch's build lock; one left by a killed build would block forever
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        lock.unlink(missing_ok=True)
     try:
         where.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load_inline(
