@@ -250,15 +250,19 @@ import torch
 from recsys.allocator import retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
-for _ in range(3):
-    torch.ones(2_000_000).sum()  # 8 MB temporaries, as a training step makes them
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    torch.ones(2_000_000).sum()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+rounds = []
+for _ in range(5):  # the quietest of 5 rounds of 20 steps: a fault storm is in every round
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.ones(2_000_000).sum()  # 8 MB temporaries, as a training step makes them
+    rounds.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+print(min(rounds))
 """
 
 
+@pytest.mark.skipif(
+    __import__("platform").libc_ver()[0] != "glibc", reason="the fix is for glibc's malloc"
+)
 def test_training_keeps_freed_memory_instead_of_faulting_it_in_again() -> None:
     """glibc in the state ``make pipeline`` ran into (temporaries mapped fresh and trimmed at
     every free) faults each 8 MB temporary in page by page; after ``retain_freed_memory`` (which
