@@ -4,8 +4,8 @@ A training step allocates and frees the same ~20 MB of temporaries (gathered ite
 gradients, score matrices) every few milliseconds. glibc returns the freed top of its heap to
 the kernel once it exceeds a trim threshold, and serves blocks above its mmap threshold with
 fresh mappings, so the next step faults every page in again: measured inside ``make pipeline``
-on Diginetica, ~4,000 page faults and ~10 ``brk`` calls per step, half the CPU time in the
-kernel. Raising both thresholds keeps those pages mapped; the cost is that the process keeps
+on Diginetica, 3,500–4,400 page faults and ~4 ``brk`` calls per step, half the CPU time in
+the kernel. Raising both thresholds keeps those pages mapped; the cost is that the process keeps
 its peak heap until it exits.
 """
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -25,13 +25,18 @@ for _k, _v in QUIET.items():
     os.environ.setdefault(_k, _v)
 
 
+def skip_or_fail_in_ci(reason: str) -> NoReturn:
+    """Skip a test that needs what this machine lacks; in CI, which must have it, fail."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must have this: {reason}")
+    pytest.skip(reason)
+
+
 def shared_path(*parts: str) -> Path:
     """A file under ../shared/data; skip without it, except in CI where its absence fails."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI needs the shared data, but {path} is missing")
-        pytest.skip(f"shared data not available: {path}")
+        skip_or_fail_in_ci(f"shared data not available: {path}")
     return path
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -267,10 +270,6 @@ def test_training_keeps_freed_memory_instead_of_faulting_it_in_again() -> None:
     """glibc in the state ``make pipeline`` ran into (temporaries mapped fresh and trimmed at
     every free) faults each 8 MB temporary in page by page; after ``retain_freed_memory`` (which
     the trainer calls on a CPU) they reuse the process's pages."""
-    import os
-    import subprocess
-    import sys
-
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     faults = {}
     for mode in ("default", "retain"):

@@ -259,7 +259,7 @@ def inverted_dropout(x: torch.Tensor, p: float, kernels: ModuleType | None = Non
     """Inverted dropout. The mask comes from ``rand``, 3x faster on a CPU than the
     ``bernoulli_`` of ``F.dropout`` (0.25 vs 0.79 ms for 128 x 512, 6% of a (b) step); with
     ``kernels`` (CPU) from a counter-based hash seeded by torch's generator (0.02 ms)."""
-    if kernels is not None and x.device.type == "cpu":
+    if kernels is not None:
         seed = int(torch.randint(0, 2**62, ()).item())
         return x * kernels.dropout_mask(x.numel(), p, seed).view_as(x)
     keep = (torch.rand_like(x) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
@@ -277,7 +277,7 @@ def _cell(
     """A GRU cell from its input gates (bias included): the arithmetic of ``torch.gru_cell``;
     with ``kernels`` (a CPU training step) its element-wise part is one native pass."""
     gh = linear(h, w_hh, b_hh, bf16)  # (B, 3H)
-    if kernels is not None and gi.dim() == 2 and gi.device.type == "cpu":
+    if kernels is not None:
         return _FusedGruCell.apply(gi, gh, h, kernels)  # type: ignore[no-any-return]
     split = 2 * h.shape[-1]
     r, z = torch.sigmoid(gi[..., :split] + gh[..., :split]).chunk(2, -1)  # reset, update

@@ -42,7 +42,7 @@ def bpr_max(
     ``elu_param`` > 0 applies ELU to the scores first (the best settings use it); 0 = linear.
     ``kernels`` (``recsys.model.kernels``, CPU): loss and gradient in one fused pass per row.
     """
-    if kernels is not None and scores.device.type == "cpu" and scores.dtype == torch.float32:
+    if kernels is not None:
         return _FusedBprMax.apply(scores, bpreg, elu_param, kernels)  # type: ignore[no-any-return]
     return _BprMax.apply(scores, bpreg, elu_param)  # type: ignore[no-any-return]
 
