@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.report import format_table
-from recsys.atomic import write_json
+from recsys.core.atomic import write_json
 
 BENCHMARKS: dict[str, str] = {
     "prepare": "pipelines.bench_prepare:bench_prepare",
@@ -107,8 +107,8 @@ def run_benchmarks(
     ``device`` ("cpu", "cuda" or "auto") is where the ``ON_DEVICE`` benchmarks run; with a GPU,
     only those run, and naming another is an error rather than a CPU number under a GPU label.
     """
-    from recsys.errors import RecsysError
-    from recsys.training import resolve_device
+    from recsys.core.errors import RecsysError
+    from recsys.training.trainer import resolve_device
 
     device = resolve_device(device, "--device").type
     default = [n for n in BENCHMARKS if n not in OPT_IN and (device == "cpu" or n in ON_DEVICE)]

@@ -16,12 +16,12 @@ from typing import Any
 from pipelines.bench import peak_gpu_mib
 from pipelines.bench_train import DIGINETICA
 from recsys.config import load_config
+from recsys.core.errors import RecsysError
 from recsys.data.preparation import prepare_events
 from recsys.data.sources import read_events
-from recsys.errors import RecsysError
-from recsys.evaluation import evaluate
-from recsys.model.recommender import GRU4RecRecommender
-from recsys.training import train_gru4rec
+from recsys.evaluation.gru4rec import GRU4RecRecommender
+from recsys.evaluation.harness import evaluate
+from recsys.training.trainer import train_gru4rec
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs/diginetica.yaml"
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from pipelines.bench_train import bench_model, load_train
-from recsys.baselines import make_baseline
-from recsys.evaluation import evaluate
-from recsys.model.recommender import GRU4RecRecommender
+from recsys.evaluation.baselines import make_baseline
+from recsys.evaluation.gru4rec import GRU4RecRecommender
+from recsys.evaluation.harness import evaluate
 
 
 def bench_evaluate(quick: bool) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ import torch
 from pipelines.bench import percentiles
 from pipelines.serve import HOST, running_server
 from recsys.data.schema import ITEM, SESSION, SUPPORT, TIME
-from recsys.serving import SessionRecommender
+from recsys.serving.recommender import SessionRecommender
 
 K = 20
 PACED_RATE = 2.0  # requests/s per paced client: a visitor clicking every half second
@@ -136,8 +136,8 @@ def log_pyfunc(model_path: Path, sessions: list[list[int]]) -> str:
 
     from pipelines.register import PACKAGE_DIR, _pip_requirements, _signature
     from pipelines.tracking import experiment_id
-    from recsys.mlflow_store import connect
-    from recsys.pyfunc import SESSION_COLUMN
+    from recsys.serving.mlflow_store import connect
+    from recsys.serving.pyfunc import SESSION_COLUMN
 
     # The project's experiment helper puts artifacts beside the SQLite store (the temporary
     # directory); MLflow's own default would be ./mlruns in the working directory.
@@ -145,7 +145,7 @@ def log_pyfunc(model_path: Path, sessions: list[list[int]]) -> str:
     with mlflow.start_run(experiment_id=experiment_id(client, "bench-serve")):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),
+            python_model=str(PACKAGE_DIR / "serving" / "pyfunc_entry.py"),
             artifacts={"model": str(model_path)},
             code_paths=[str(PACKAGE_DIR)],
             signature=_signature(True),

@@ -22,7 +22,7 @@ from recsys.data.preparation import PreparedDataset, prepare_events
 from recsys.data.sources import read_events
 from recsys.data.synthetic import SyntheticConfig
 from recsys.model.gru4rec import GRU4Rec
-from recsys.training import Trainer, item_support, resolve_device
+from recsys.training.trainer import Trainer, item_support, resolve_device
 
 DIGINETICA = (
     Path(__file__).resolve().parent.parent.parent / "shared/data/diginetica/diginetica_sessions.tsv"

@@ -35,7 +35,7 @@ def friendly_errors(func: F) -> F:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from recsys.errors import RecsysError
+        from recsys.core.errors import RecsysError
 
         try:
             return func(*args, **kwargs)
@@ -68,7 +68,7 @@ def _tracker(config: Any) -> Any:
 @click.version_option(package_name="recsys")
 def main() -> None:
     """Session-based next-item recommendation: GRU4Rec, baselines, MLflow pipelines."""
-    from recsys.mlflow_store import quiet_environment
+    from recsys.serving.mlflow_store import quiet_environment
 
     quiet_environment()
 
@@ -156,7 +156,7 @@ def serve(config_path: Path, model_uri: str | None, port: int, host: str, worker
     import os
 
     from pipelines.serve import champion_uri, server_command, server_env
-    from recsys.mlflow_store import QUIET_ENV, tracking_uri
+    from recsys.serving.mlflow_store import QUIET_ENV, tracking_uri
 
     uri = model_uri or champion_uri(_load(config_path).name)
     # the server resolves models:/ in the project's store unless the user named another one
@@ -179,7 +179,7 @@ def serve(config_path: Path, model_uri: str | None, port: int, host: str, worker
 def recommend(model_uri: str, items: str, k: int, exclude_seen: bool) -> None:
     """Top-k next items for one session, as a ranked table."""
     from pipelines.report import format_table
-    from recsys.serving import SessionRecommender
+    from recsys.serving.recommender import SessionRecommender
 
     rec = SessionRecommender.load(model_uri)
     session = [s.strip() for s in items.split(",") if s.strip()]
@@ -214,8 +214,8 @@ def score(
     model_uri: str, input_path: Path, output_path: Path, k: int, batch_size: int, exclude_seen: bool
 ) -> None:
     """Score a Parquet file of sessions (session_id + items list, or session_id + item_id rows)."""
-    from recsys.batch_scoring import score_file
-    from recsys.serving import SessionRecommender
+    from recsys.serving.batch import score_file
+    from recsys.serving.recommender import SessionRecommender
 
     rec = SessionRecommender.load(model_uri)
     summary = score_file(

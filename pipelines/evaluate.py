@@ -12,14 +12,14 @@ import polars as pl
 from pipelines.report import format_table
 from pipelines.tracking import TAG_CACHED, TAG_DATA, Tracker
 from pipelines.train import model_path, read_meta
-from recsys.atomic import atomic_path, write_json
 from recsys.config import Config
+from recsys.core.atomic import atomic_path, write_json
+from recsys.core.errors import RecsysError
+from recsys.core.plots import plot_metrics
+from recsys.core.progress import step
 from recsys.data.preparation import load_prepared
-from recsys.errors import RecsysError
-from recsys.evaluation import EvaluationResult, evaluate, metric_name
-from recsys.model.recommender import GRU4RecRecommender
-from recsys.plots import plot_metrics
-from recsys.progress import step
+from recsys.evaluation.gru4rec import GRU4RecRecommender
+from recsys.evaluation.harness import EvaluationResult, evaluate, metric_name
 
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
@@ -70,7 +70,7 @@ def run_evaluate(config: Config, tracker: Tracker | None, force: bool = False) -
 
 
 def _evaluate(config: Config, data: Any, key: str) -> dict[str, Any]:
-    from recsys.baselines import make_baseline
+    from recsys.evaluation.baselines import make_baseline
 
     ev = config.evaluation
     kwargs: dict[str, Any] = {

@@ -7,9 +7,9 @@ from typing import Any
 from pipelines.report import format_table
 from pipelines.tracking import TAG_CACHED, TAG_DATA, Tracker
 from recsys.config import Config
+from recsys.core.progress import step
 from recsys.data.preparation import prepare
 from recsys.data.schema import STATS_FILE, TEST, TRAIN, TRAIN_TR, VALID
-from recsys.progress import step
 
 
 def run_prepare(config: Config, tracker: Tracker | None, force: bool = False) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from pipelines.evaluate import GRU4REC, eval_key, read_results
 from pipelines.tracking import TAG_DATA, TAG_MODEL, Tracker, guard
 from pipelines.train import model_path, read_meta
 from recsys.config import Config
+from recsys.core.errors import RecsysError
 from recsys.data.preparation import load_prepared
-from recsys.errors import RecsysError
-from recsys.pyfunc import SESSION_COLUMN
+from recsys.serving.pyfunc import SESSION_COLUMN
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -105,7 +105,7 @@ def run_register(config: Config, tracker: Tracker, promote: bool = False) -> dic
             with guard("logging the model"):
                 info = mlflow.pyfunc.log_model(
                     name="model",
-                    python_model=str(PACKAGE_DIR / "pyfunc_entry.py"),
+                    python_model=str(PACKAGE_DIR / "serving" / "pyfunc_entry.py"),
                     artifacts={"model": str(model_path(config))},
                     code_paths=[str(PACKAGE_DIR)],
                     signature=_signature(numeric_ids),

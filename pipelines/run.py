@@ -10,7 +10,7 @@ from pipelines.register import run_register
 from pipelines.tracking import Tracker
 from pipelines.train import run_train
 from recsys.config import Config
-from recsys.mlflow_store import tracking_uri
+from recsys.serving.mlflow_store import tracking_uri
 
 
 def run_pipeline(config: Config, force: bool = False, promote: bool = False) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 
 HOST = "127.0.0.1"  # loopback only, unless the user asks for more
 START_TIMEOUT = 120.0

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import Config
-from recsys.errors import RecsysError
-from recsys.mlflow_store import artifact_root, connect, first_line
+from recsys.core.errors import RecsysError
+from recsys.serving.mlflow_store import artifact_root, connect, first_line
 
 TAG_STEP = "recsys.step"
 TAG_DATA = "recsys.data_fingerprint"

@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.tracking import TAG_CACHED, TAG_DATA, TAG_KERNELS, TAG_MODEL, TAG_PRODUCTS, Tracker
-from recsys.atomic import write_json
 from recsys.config import Config
+from recsys.core.atomic import write_json
+from recsys.core.plots import plot_loss
+from recsys.core.progress import step
 from recsys.data.preparation import PreparedDataset, load_prepared
 from recsys.data.schema import ITEM, SUPPORT
-from recsys.evaluation import evaluate
+from recsys.evaluation.gru4rec import GRU4RecRecommender
+from recsys.evaluation.harness import evaluate
 from recsys.model.gru4rec import GRU4Rec
-from recsys.model.recommender import GRU4RecRecommender
-from recsys.plots import plot_loss
-from recsys.progress import step
-from recsys.training import train_gru4rec
+from recsys.training.trainer import train_gru4rec
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"

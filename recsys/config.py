@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recsys.core.errors import RecsysError
 from recsys.data.synthetic import SyntheticConfig
-from recsys.errors import RecsysError
 
 SourceFormat = Literal[
     "synthetic",

@@ -9,7 +9,9 @@ import polars as pl
 import pytest
 import torch
 
-from recsys.baselines import (
+from recsys.core.errors import RecsysError
+from recsys.data.schema import ITEM_IDX, SESSION, TIME, TIME_DTYPE
+from recsys.evaluation.baselines import (
     BASELINES,
     STAN,
     VSKNN,
@@ -20,8 +22,6 @@ from recsys.baselines import (
     baseline_params,
     make_baseline,
 )
-from recsys.data.schema import ITEM_IDX, SESSION, TIME, TIME_DTYPE
-from recsys.errors import RecsysError
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys.data.batching import SessionArrays, session_arrays, session_parallel_batches
-from recsys.training import reset_slots
+from recsys.training.trainer import reset_slots
 
 
 def make_arrays(lengths: list[int], seed: int = 0) -> SessionArrays:

@@ -12,14 +12,14 @@ import polars as pl
 import pytest
 import torch
 
-from recsys.baselines import make_baseline
 from recsys.config import ModelConfig, TrainConfig, config_from_dict
 from recsys.data.batching import session_arrays
 from recsys.data.preparation import PreparedDataset, load_prepared, prepare
-from recsys.evaluation import MetricAccumulator, evaluate, naive_evaluate, target_ranks
-from recsys.model.recommender import GRU4RecRecommender
-from recsys.recommender import Recommender
-from recsys.training import train_gru4rec
+from recsys.evaluation.baselines import make_baseline
+from recsys.evaluation.gru4rec import GRU4RecRecommender
+from recsys.evaluation.harness import MetricAccumulator, evaluate, naive_evaluate, target_ranks
+from recsys.evaluation.scorer import Recommender
+from recsys.training.trainer import train_gru4rec
 from tests.conftest import shared_path, tiny_config
 
 

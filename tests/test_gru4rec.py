@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from recsys.config import ModelConfig, TrainConfig
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 from recsys.model.gru4rec import GRU4Rec, inverted_dropout
 from recsys.model.losses import bpr_max, cross_entropy, top1_max
 from recsys.model.matmul import bf16_is_native, linear, use_bf16
 from recsys.model.optimizer import RowAdagradM
 from recsys.model.sampling import SampleStore
-from recsys.training import Trainer
+from recsys.training.trainer import Trainer
 
 SCORES = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])  # B=2 rows, 2 in-batch + 1 sample
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import recsys.model.kernels as kernels_module
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 from recsys.model.gru4rec import GRU4Rec, _cell, inverted_dropout
 from recsys.model.kernels import native_kernels
 from recsys.model.losses import bpr_max
@@ -144,7 +144,7 @@ def test_native_and_torch_training_steps_agree(
     embedding mode and with several layers."""
     from recsys.config import ModelConfig
     from recsys.data.batching import session_arrays
-    from recsys.training import Trainer, item_support
+    from recsys.training.trainer import Trainer, item_support
 
     log = deterministic_log()
     weights = []

@@ -133,7 +133,7 @@ def test_registered_model_loads_in_a_fresh_process_with_the_same_top_k(
 import json, os, pandas as pd, mlflow
 mlflow.set_tracking_uri({uri!r})
 model = mlflow.pyfunc.load_model("models:/gru4rec-tiny@champion")
-from recsys.serving import SessionRecommender
+from recsys.serving.recommender import SessionRecommender
 local = SessionRecommender.load({str(model_file)!r})
 session = local.item_ids[:3]
 out = model.predict(pd.DataFrame({{"items": [session]}}), params={{"k": 10}})

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from recsys.config import Config, PreparationConfig, config_from_dict, load_config
+from recsys.core.errors import RecsysError
 from recsys.data.preparation import (
     PreparedDataset,
     data_fingerprint,
@@ -30,7 +31,6 @@ from recsys.data.preparation import (
 )
 from recsys.data.schema import ITEM, ITEM_IDX, SESSION, SPLIT, SPLITS, STATS_FILE, TIME, TIME_DTYPE
 from recsys.data.sources import read_events
-from recsys.errors import RecsysError
 from tests.conftest import ROOT, shared_path
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)

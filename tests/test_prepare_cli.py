@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from recsys.config import load_config
+from recsys.core.errors import RecsysError
 from recsys.data.preparation import load_prepared, prepare
 from recsys.data.schema import SPLITS
 from recsys.data.synthetic import SyntheticConfig, generate_clicks
-from recsys.errors import RecsysError
 from tests.conftest import ROOT, run_cli, write_config
 
 OUR_CONFIGS = [

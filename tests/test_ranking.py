@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recsys.evaluation import target_ranks
-from recsys.model.ranking import CatalogueRanker
+from recsys.evaluation.harness import target_ranks
+from recsys.ranking import CatalogueRanker
 
 N_ITEMS, K = 9000, 20
 SUM_ATOL = 1e-5  # fp32 sums in another order: a few ulps of scores of magnitude ~5

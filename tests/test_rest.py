@@ -26,7 +26,7 @@ import pytest
 
 from pipelines.serve import free_port, start_server, stop_server, wait_ready
 from recsys.data.schema import ITEM, SESSION
-from recsys.serving import SessionRecommender
+from recsys.serving.recommender import SessionRecommender
 from tests.conftest import QUIET, ROOT, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # SQLAlchemy, in MLflow

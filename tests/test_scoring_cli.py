@@ -8,11 +8,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from recsys.batch_scoring import score_file
+from recsys.core.errors import RecsysError
 from recsys.data.preparation import PreparedDataset
 from recsys.data.schema import ITEM, SESSION, TIME
-from recsys.errors import RecsysError
-from recsys.serving import Recommendation, SessionRecommender
+from recsys.serving.batch import score_file
+from recsys.serving.recommender import Recommendation, SessionRecommender
 from tests.conftest import run_cli
 from tests.test_serving import assert_same, real_sessions
 

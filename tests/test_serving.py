@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from recsys.config import Config, config_from_dict
+from recsys.core.errors import RecsysError
 from recsys.data.preparation import PreparedDataset, load_prepared, prepare
 from recsys.data.schema import ITEM, ITEM_IDX, SESSION, SUPPORT
-from recsys.errors import RecsysError
+from recsys.evaluation.gru4rec import GRU4RecRecommender, pad_sessions
 from recsys.model.gru4rec import GRU4Rec
-from recsys.model.recommender import GRU4RecRecommender, pad_sessions
-from recsys.serving import LiveSessions, Recommendation, SessionRecommender
-from recsys.training import train_gru4rec
+from recsys.serving.recommender import LiveSessions, Recommendation, SessionRecommender
+from recsys.training.trainer import train_gru4rec
 from tests.conftest import shared_path, tiny_config
 
 RSC = "yoochoose-rsc15-100k"

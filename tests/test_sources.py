@@ -13,9 +13,9 @@ import polars as pl
 import pytest
 
 from recsys.config import SourceConfig, load_config
+from recsys.core.errors import RecsysError
 from recsys.data.schema import ITEM, SESSION, SPLIT, TIME, TIME_DTYPE
 from recsys.data.sources import read_events
-from recsys.errors import RecsysError
 from tests.conftest import ROOT, shared_path
 
 

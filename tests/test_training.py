@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from recsys.config import ModelConfig, TrainConfig, config_from_dict
+from recsys.core.errors import RecsysError
 from recsys.data.preparation import load_prepared, prepare
-from recsys.errors import RecsysError
-from recsys.evaluation import evaluate
-from recsys.model.recommender import GRU4RecRecommender
-from recsys.training import CHECKPOINT, Trainer, train_gru4rec
+from recsys.evaluation.gru4rec import GRU4RecRecommender
+from recsys.evaluation.harness import evaluate
+from recsys.training.trainer import CHECKPOINT, Trainer, train_gru4rec
 from tests.conftest import run_cli, shared_path, tiny_config
 
 
@@ -250,7 +250,7 @@ def test_a_device_that_is_missing_or_wrong_for_a_benchmark_is_one_clear_error() 
 FAULTS_SCRIPT = """
 import resource, sys
 import torch
-from recsys.allocator import retain_freed_memory
+from recsys.training.allocator import retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 rounds = []

@@ -18,7 +18,7 @@ from typing import Any
 
 import polars as pl
 
-from recsys.atomic import atomic_directory, write_json
+from recsys.core.atomic import atomic_directory, write_json
 from recsys.config import Config, PreparationConfig
 from recsys.data.schema import (
     ITEM,
@@ -36,8 +36,8 @@ from recsys.data.schema import (
     split_file,
 )
 from recsys.data.sources import read_events
-from recsys.errors import RecsysError
-from recsys.progress import step
+from recsys.core.errors import RecsysError
+from recsys.core.progress import step
 
 PREPARATION_VERSION = 2  # bump when the protocol changes, so cached outputs are redone
 

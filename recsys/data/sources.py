@@ -21,7 +21,7 @@ import polars as pl
 from recsys.config import SourceConfig
 from recsys.data.schema import ITEM, SESSION, SPLIT, TIME, TIME_DTYPE
 from recsys.data.synthetic import generate_clicks
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 
 _SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
 _COMPRESSED = (".gz", ".zip", ".7z", ".bz2", ".xz", ".zst")

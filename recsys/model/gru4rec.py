@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.atomic import atomic_path
 from recsys.config import ModelConfig
-from recsys.errors import RecsysError
+from recsys.core.atomic import atomic_path
+from recsys.core.errors import RecsysError
 from recsys.model.matmul import linear
 
 FILE_FORMAT = "recsys-gru4rec"

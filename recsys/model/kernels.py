@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 NAME = "recsys_kernels"

@@ -10,9 +10,9 @@ import polars as pl
 import torch
 
 from recsys.config import ModelConfig, TrainConfig
+from recsys.evaluation.scorer import Recommender, next_item_targets
 from recsys.model.gru4rec import GRU4Rec
-from recsys.model.ranking import FAST_MIN_ITEMS, ranker_for
-from recsys.recommender import Recommender, next_item_targets
+from recsys.ranking import FAST_MIN_ITEMS, ranker_for
 
 
 def pad_sessions(sessions: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,11 +41,11 @@ class GRU4RecRecommender(Recommender):
         self.train_config = train_config or TrainConfig()
         self.model = model
         self.history: list[dict[str, object]] = []
-        # Certified low-precision first pass (recsys.model.ranking); None: by catalogue size.
+        # Certified low-precision first pass (recsys.ranking); None: by catalogue size.
         self.fast_ranking: bool | None = None
 
     def fit(self, train: pl.DataFrame) -> GRU4RecRecommender:
-        from recsys.training import train_gru4rec
+        from recsys.training.trainer import train_gru4rec
 
         result = train_gru4rec(train, self.n_items, self.model_config, self.train_config)
         self.model = result.model
@@ -77,7 +77,7 @@ class GRU4RecRecommender(Recommender):
     def rank_sessions(
         self, sessions: Sequence[np.ndarray], ties: str, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact ranks (up to ``top_k``) at bf16 speed: see ``recsys.model.ranking``."""
+        """Exact ranks (up to ``top_k``) at bf16 speed: see ``recsys.ranking``."""
         model = self._require_model()
         fast = self.fast_ranking
         if fast is None:

@@ -19,10 +19,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from recsys.core.progress import Progress
 from recsys.data.batching import session_arrays
 from recsys.data.schema import ITEM_IDX, SESSION
-from recsys.progress import Progress
-from recsys.recommender import Recommender, next_item_targets
+from recsys.evaluation.scorer import Recommender, next_item_targets
 
 TieMode = Literal["conservative", "standard", "median"]
 METRICS = ("recall", "mrr", "ndcg")

@@ -5,7 +5,7 @@
   an empty or all-unknown session gets the most popular items and says so.
 - ``LiveSessions``: keeps each live session's hidden state (bounded, LRU + TTL), so a new click
   costs one GRU step and one top-k instead of re-reading the session.
-- The MLflow pyfunc wrapper that ``mlflow models serve`` runs lives in ``recsys.pyfunc``.
+- The MLflow pyfunc wrapper that ``mlflow models serve`` runs lives in ``recsys.serving.pyfunc``.
 
 Scores are exactly what the evaluation harness computes for the same prefix (same network code,
 same batch shape for one session), so an offline metric describes what is served.
@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
+from recsys.evaluation.gru4rec import pad_sessions
 from recsys.model.gru4rec import GRU4Rec
-from recsys.model.ranking import FAST_MIN_ITEMS, CatalogueRanker
-from recsys.model.recommender import pad_sessions
+from recsys.ranking import FAST_MIN_ITEMS, CatalogueRanker
 
 MODEL_FILE = "model.pt"
 POPULAR = "popular"
@@ -117,7 +117,7 @@ class SessionRecommender:
         self.n_items = len(self.item_ids)
         # Popularity is the same for every fallback: rank the catalogue once.
         self._pop_scores, self._pop_order = torch.sort(self.support, descending=True, stable=True)
-        # Exact top-k with a certified low-precision first pass (recsys.model.ranking);
+        # Exact top-k with a certified low-precision first pass (recsys.ranking);
         # None = on for catalogues of FAST_MIN_ITEMS items or more (below, fp32 is as fast).
         self.fast_top_k = self.n_items >= FAST_MIN_ITEMS if fast_top_k is None else fast_top_k
         self.fast_stats = {"certified": 0, "fallback": 0}
@@ -345,7 +345,7 @@ class LiveSessions:
 
 def _download_model(uri: str, dest: Path) -> Path:
     """Fetch a registered model's weights from MLflow (the pyfunc's ``model`` artifact)."""
-    from recsys.mlflow_store import connect, first_line
+    from recsys.serving.mlflow_store import connect, first_line
 
     connect()
     import mlflow

@@ -5,6 +5,6 @@ Only MLflow imports this file (``python_model=`` path); the library never does.
 
 import mlflow
 
-from recsys.pyfunc import GRU4RecPyfunc
+from recsys.serving.pyfunc import GRU4RecPyfunc
 
 mlflow.models.set_model(GRU4RecPyfunc())

@@ -29,9 +29,9 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
+from recsys.core.errors import RecsysError
 from recsys.data.schema import ITEM_IDX, SESSION, TIME
-from recsys.errors import RecsysError
-from recsys.recommender import Recommender
+from recsys.evaluation.scorer import Recommender
 
 _MS_PER_DAY = 86_400_000
 # Relative popularity tie-breaker for real-valued scores: large enough to survive the float32

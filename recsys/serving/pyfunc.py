@@ -17,11 +17,11 @@ from typing import Any
 import pandas as pd
 from mlflow.pyfunc.model import PythonModel
 
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 
 SESSION_COLUMN = "items"
 DEFAULT_K = 20
-DEFAULT_THREADS = 1  # see recsys.serving.set_threads
+DEFAULT_THREADS = 1  # see recsys.serving.recommender.set_threads
 
 
 def _sessions(model_input: Any) -> list[list[Any]]:
@@ -70,7 +70,7 @@ class GRU4RecPyfunc(PythonModel):
     """Loads the weights file artifact once; scores a batch of sessions per request."""
 
     def load_context(self, context: Any) -> None:
-        from recsys.serving import SessionRecommender
+        from recsys.serving.recommender import SessionRecommender
 
         config = context.model_config or {}
         self.recommender = SessionRecommender.load(

@@ -60,7 +60,7 @@ class Recommender(ABC):
         Ranks up to ``top_k`` must be exact; a larger rank may be reported as any value above
         ``top_k`` (metrics only look within the cut-offs). The default scores the whole catalogue.
         """
-        from recsys.evaluation import target_ranks
+        from recsys.evaluation.harness import target_ranks
 
         scores = self.score_sessions(sessions)  # (N, n_items)
         ranks = target_ranks(scores, next_item_targets(sessions, scores.device), ties)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 
 DEFAULT_STORE_DIR = Path("mlops")
 QUIET_ENV = {

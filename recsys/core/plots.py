@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from recsys.atomic import atomic_path
+from recsys.core.atomic import atomic_path
 
 
 def _pyplot() -> Any:

@@ -20,19 +20,19 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.allocator import retain_freed_memory
-from recsys.atomic import atomic_path
 from recsys.config import ModelConfig, TrainConfig
+from recsys.core.atomic import atomic_path
+from recsys.core.errors import RecsysError
+from recsys.core.progress import Progress
 from recsys.data.batching import SessionArrays, session_arrays, session_parallel_batches
 from recsys.data.schema import ITEM_IDX
-from recsys.errors import RecsysError
 from recsys.model.gru4rec import GRU4Rec
 from recsys.model.kernels import native_kernels
 from recsys.model.losses import bpr_max, cross_entropy, top1_max
 from recsys.model.matmul import bf16_is_native, linear, use_bf16
 from recsys.model.optimizer import RowAdagradM
 from recsys.model.sampling import SampleStore
-from recsys.progress import Progress
+from recsys.training.allocator import retain_freed_memory
 
 CHECKPOINT = "last.pt"
 CHECK_EVERY = 50  # steps between reading losses back (divergence check, progress bar)

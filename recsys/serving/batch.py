@@ -18,12 +18,12 @@ from typing import Any
 
 import polars as pl
 
-from recsys.atomic import atomic_path
+from recsys.core.atomic import atomic_path
+from recsys.core.errors import RecsysError
+from recsys.core.progress import Progress
 from recsys.data.schema import ITEM, SESSION
-from recsys.errors import RecsysError
-from recsys.mlflow_store import first_line
-from recsys.progress import Progress
-from recsys.serving import SessionRecommender
+from recsys.serving.mlflow_store import first_line
+from recsys.serving.recommender import SessionRecommender
 
 ITEMS = "items"
 SCORES = "scores"

@@ -175,7 +175,7 @@ class CatalogueRanker:
         ``exclude`` lists, per row, items that may not be recommended (they score -inf).
         A target's rank is exact whenever it is within the top k, else k + 1.
         """
-        from recsys.evaluation import rank_from_counts
+        from recsys.evaluation.harness import rank_from_counts
 
         k = min(k, self.n_items)
         with torch.inference_mode():
@@ -232,7 +232,7 @@ class CatalogueRanker:
         targets: torch.Tensor | None,
         ties: str,
     ) -> TopK:
-        from recsys.evaluation import target_ranks
+        from recsys.evaluation.harness import target_ranks
 
         scores = self.full_scores(out, exclude)
         values, items = torch.topk(scores, k, dim=1)
