@@ -14,13 +14,9 @@ PORT ?= 5055
 UI_PORT ?= 5000
 STAMP := $(VENV)/.installed
 
-export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlops/mlflow.db
-export MLFLOW_DISABLE_TELEMETRY := true
-export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
-export MLFLOW_LOGGING_LEVEL ?= WARNING
-export MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT := true
-export GIT_PYTHON_REFRESH := quiet
-export PYTHONWARNINGS ?= ignore:starlette.middleware.wsgi is deprecated
+# MLflow's store (mlops/ in the working directory: this folder) and its quiet environment are
+# set by the recsys commands themselves (recsys/serving/mlflow_store.py); only what the shell
+# needs before Python starts is exported here.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -56,24 +52,24 @@ register: $(STAMP) ## Register the trained model in MLflow (champion/challenger)
 
 recommend: $(STAMP) ## Top-K for one session: make recommend ITEMS="id1,id2" [CONFIG=...]
 	@test -n "$(ITEMS)" || { echo 'usage: make recommend ITEMS="id1,id2,..." [CONFIG=...] [K=20]'; exit 2; }
-	$(VENV)/bin/recsys recommend --model "models:/gru4rec-$$($(PY) -c 'import sys,yaml; print(yaml.safe_load(open(sys.argv[1]))["name"])' $(CONFIG))@champion" --items "$(ITEMS)" -k $(K)
+	$(VENV)/bin/recsys recommend --config $(CONFIG) --items "$(ITEMS)" -k $(K)
 
 serve: $(STAMP) ## REST server for the champion of CONFIG on 127.0.0.1:PORT (POST /invocations)
 	$(VENV)/bin/recsys serve --config $(CONFIG) --port $(PORT)
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1:UI_PORT against the project store
-	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT) --workers 1
+	$(VENV)/bin/recsys ui --port $(UI_PORT)
 
 test: $(STAMP) ## Run the test suite
 	$(PY) -m pytest -q
 
 lint: $(STAMP) ## ruff check + format check
-	$(VENV)/bin/ruff check recsys pipelines tests
-	$(VENV)/bin/ruff format --check recsys pipelines tests
+	$(VENV)/bin/ruff check recsys pipelines benchmarks tests
+	$(VENV)/bin/ruff format --check recsys pipelines benchmarks tests
 
 format: $(STAMP) ## ruff format + autofix
-	$(VENV)/bin/ruff check --fix recsys pipelines tests
-	$(VENV)/bin/ruff format recsys pipelines tests
+	$(VENV)/bin/ruff check --fix recsys pipelines benchmarks tests
+	$(VENV)/bin/ruff format recsys pipelines benchmarks tests
 
 bench: $(STAMP) ## Benchmarks (events/s, latency percentiles, peak memory); see docs/benchmarks.md
 	$(VENV)/bin/recsys bench

@@ -158,7 +158,7 @@ def serve(config_path: Path, model_uri: str | None, port: int, host: str, worker
     from pipelines.serve import champion_uri, server_command, server_env
     from recsys.serving.mlflow_store import QUIET_ENV, tracking_uri
 
-    uri = model_uri or champion_uri(_load(config_path).name)
+    uri = model_uri or champion_uri(_load(config_path))
     # the server resolves models:/ in the project's store unless the user named another one
     env = {**QUIET_ENV, **os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
     click.echo(f"serving {uri} on http://{host}:{port} (Ctrl-C stops it)", err=True)
@@ -167,8 +167,13 @@ def serve(config_path: Path, model_uri: str | None, port: int, host: str, worker
 
 
 @main.command()
+@click.option("--model", "-m", "model_uri", help="Model file/dir or models:/name@alias.")
 @click.option(
-    "--model", "-m", "model_uri", required=True, help="Model file/dir or models:/name@alias."
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Or the champion registered for this config (models:/<registry name>@champion).",
 )
 @click.option(
     "--items", "-i", required=True, help='Comma-separated item ids of the session, e.g. "a,b,c".'
@@ -176,12 +181,18 @@ def serve(config_path: Path, model_uri: str | None, port: int, host: str, worker
 @click.option("-k", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--exclude-seen", is_flag=True, help="Do not recommend items already in the session.")
 @friendly_errors
-def recommend(model_uri: str, items: str, k: int, exclude_seen: bool) -> None:
+def recommend(
+    model_uri: str | None, config_path: Path | None, items: str, k: int, exclude_seen: bool
+) -> None:
     """Top-k next items for one session, as a ranked table."""
     from pipelines.report import format_table
+    from pipelines.serve import champion_uri
     from recsys.serving.recommender import SessionRecommender
 
-    rec = SessionRecommender.load(model_uri)
+    if (model_uri is None) == (config_path is None):
+        raise click.UsageError("give exactly one of --model/-m and --config/-c")
+    uri = model_uri if config_path is None else champion_uri(_load(config_path))
+    rec = SessionRecommender.load(uri)
     session = [s.strip() for s in items.split(",") if s.strip()]
     result = rec.recommend(session, k=k, exclude_seen=exclude_seen)
     if result.unknown:
@@ -245,9 +256,25 @@ def score(
 @friendly_errors
 def bench(only: tuple[str, ...], quick: bool, device: str) -> None:
     """Benchmarks: events/s, latency percentiles and peak memory."""
-    from pipelines.bench import run_benchmarks
+    from benchmarks.runner import run_benchmarks
 
     run_benchmarks(list(only), quick=quick, device=device)
+
+
+@main.command()
+@click.option("--port", "-p", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@friendly_errors
+def ui(port: int) -> None:
+    """MLflow UI on 127.0.0.1:PORT for the project's store (or MLFLOW_TRACKING_URI's)."""
+    import os
+
+    from pipelines.serve import server_env
+    from recsys.serving.mlflow_store import tracking_uri
+
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow, "ui", "--backend-store-uri", tracking_uri(), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--workers", "1"]
+    os.execve(command[0], command, server_env(os.environ))
 
 
 if __name__ == "__main__":

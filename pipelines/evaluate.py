@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from typing import Any
 
 import polars as pl
 
+from pipelines.cache import config_key, read_marker, step_key
 from pipelines.report import format_table
 from pipelines.tracking import TAG_CACHED, TAG_DATA, Tracker
-from pipelines.train import model_path, read_meta
+from pipelines.train import read_meta
 from recsys.config import Config
 from recsys.core.atomic import atomic_path, write_json
 from recsys.core.errors import RecsysError
+from recsys.core.metrics import metric_name
 from recsys.core.plots import plot_metrics
 from recsys.core.progress import step
 from recsys.data.preparation import load_prepared
-from recsys.evaluation.gru4rec import GRU4RecRecommender
-from recsys.evaluation.harness import EvaluationResult, evaluate, metric_name
+from recsys.evaluation.gru4rec import GRU4RecScorer
+from recsys.evaluation.harness import EvaluationResult, evaluate
 
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
@@ -28,18 +28,13 @@ GRU4REC = "gru4rec"
 
 
 def eval_key(config: Config, model_fingerprint: str, data_fingerprint: str) -> str:
-    blob = f"{config.section_hash('evaluation')}|{model_fingerprint}|{data_fingerprint}"
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """An evaluation is of the evaluation section, the trained model and the prepared data."""
+    return step_key(config_key(config, "evaluation"), model_fingerprint, data_fingerprint)
 
 
-def read_results(config: Config) -> dict[str, Any] | None:
-    path = config.evaluation_dir / METRICS_JSON
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+def read_results(config: Config, key: str | None = None) -> dict[str, Any] | None:
+    """The evaluation's ``metrics.json`` (None without one, or one of another ``key``)."""
+    return read_marker(config.evaluation_dir / METRICS_JSON, key)
 
 
 def run_evaluate(config: Config, tracker: Tracker | None, force: bool = False) -> dict[str, Any]:
@@ -47,13 +42,12 @@ def run_evaluate(config: Config, tracker: Tracker | None, force: bool = False) -
     meta = read_meta(config)
     if meta is None:
         raise RecsysError(
-            f"{model_path(config)}: no trained model; run `recsys train --config ...` first"
+            f"{config.model_file}: no trained model; run `recsys train --config ...` first"
         )
     key = eval_key(config, meta["model_fingerprint"], data.stats["fingerprint"])
-    previous = read_results(config)
-    cached = not force and previous is not None and previous.get("key") == key
-    results = previous if cached else _evaluate(config, data, key)
-    assert results is not None
+    previous = None if force else read_results(config, key)
+    cached = previous is not None
+    results = previous if previous is not None else evaluate_dataset(config, data, key)
     if tracker is not None:
         with tracker.step("evaluate", ("evaluation",)) as run:
             run.tags({TAG_DATA: data.stats["fingerprint"], TAG_CACHED: str(cached).lower()})
@@ -69,7 +63,7 @@ def run_evaluate(config: Config, tracker: Tracker | None, force: bool = False) -
     return results
 
 
-def _evaluate(config: Config, data: Any, key: str) -> dict[str, Any]:
+def evaluate_dataset(config: Config, data: Any, key: str) -> dict[str, Any]:
     from recsys.evaluation.baselines import make_baseline
 
     ev = config.evaluation
@@ -81,13 +75,13 @@ def _evaluate(config: Config, data: Any, key: str) -> dict[str, Any]:
         "coverage_k": ev.coverage_k,
     }
     rows: list[dict[str, Any]] = []
-    gru = GRU4RecRecommender.from_file(model_path(config))
+    gru = GRU4RecScorer.from_file(config.model_file)
     result = evaluate(gru, data.test, name=GRU4REC, **kwargs)
     rows.append(_row(result, fit_seconds=0.0))
     for name, spec in ev.baselines.items():
         with step(f"baseline {name}: fit"):
             start = time.perf_counter()
-            model = make_baseline(spec.kind, data.n_items, dict(spec.params)).fit(data.train)
+            model = make_baseline(spec.kind, data.n_items, spec.params).fit(data.train)
             fit_seconds = time.perf_counter() - start
         rows.append(_row(evaluate(model, data.test, name=name, **kwargs), fit_seconds))
     results = {"key": key, "ties": ev.ties, "cutoffs": ev.cutoffs, "rows": rows}

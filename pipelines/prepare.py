@@ -1,15 +1,79 @@
-"""The prepare step: raw click log -> prepared dataset, logged to MLflow."""
+"""The prepare step: raw click log -> prepared dataset, redone only when its inputs change."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
+from pipelines.cache import config_key, read_marker, step_key
 from pipelines.report import format_table
 from pipelines.tracking import TAG_CACHED, TAG_DATA, Tracker
 from recsys.config import Config
 from recsys.core.progress import step
-from recsys.data.preparation import prepare
-from recsys.data.schema import STATS_FILE, TEST, TRAIN, TRAIN_TR, VALID
+from recsys.data.preparation import PREPARATION_VERSION, prepare_events, write_prepared
+from recsys.data.schema import (
+    ITEMS_FILE,
+    SPLITS,
+    STATS_FILE,
+    TEST,
+    TRAIN,
+    TRAIN_TR,
+    VALID,
+    split_file,
+)
+from recsys.data.sources import read_events
+
+CACHE_KEY = "cache_key"  # the field of stats.json that holds the step key
+
+
+def source_fingerprint(config: Config) -> str:
+    """Cheap identity of the raw input: sizes and mtimes of the files (or the generator knobs)."""
+    src = config.data.source
+    parts: list[str] = [src.model_dump_json()]
+    for p in src.paths:
+        st = Path(p).stat() if Path(p).exists() else None
+        parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}" if st else f"{p}:missing")
+    return step_key(*parts)
+
+
+def cache_key(config: Config) -> str:
+    """The data config, the raw input and the protocol's version: what a prepared dataset is of."""
+    named = {
+        "version": PREPARATION_VERSION,
+        "data": config_key(config, "data"),
+        "source": source_fingerprint(config),
+    }
+    return step_key(json.dumps(named))
+
+
+def cached_stats(config: Config) -> dict[str, Any] | None:
+    """The statistics of the prepared dataset when it is complete and of the current inputs."""
+    out = config.prepared_dir
+    files = [out / split_file(name) for name in SPLITS] + [out / ITEMS_FILE]
+    return read_marker(out / STATS_FILE, cache_key(config), needs=files, field=CACHE_KEY)
+
+
+def is_up_to_date(config: Config) -> bool:
+    """Whether ``prepare`` would skip the work."""
+    return cached_stats(config) is not None
+
+
+def prepare(config: Config, force: bool = False) -> tuple[dict[str, Any], bool]:
+    """Prepare the configured source into ``config.prepared_dir``; returns (stats, was_redone).
+
+    Skipped when the output exists for the same data config and raw input, unless ``force``.
+    """
+    cached = None if force else cached_stats(config)
+    if cached is not None:
+        return cached, False
+    start = time.perf_counter()
+    origin = ", ".join(str(p) for p in config.data.source.paths) or config.data.source.format
+    dataset = prepare_events(read_events(config.data.source), config.data.preparation, origin)
+    stats = write_prepared(dataset, config.prepared_dir, {CACHE_KEY: cache_key(config)})
+    # Timing is returned to the caller but not written: stats.json must be reproducible.
+    return stats | {"seconds": round(time.perf_counter() - start, 3)}, True
 
 
 def run_prepare(config: Config, tracker: Tracker | None, force: bool = False) -> dict[str, Any]:

@@ -8,46 +8,17 @@ file's fingerprint), so a failure halfway never leaves duplicate versions behind
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import recsys
 from pipelines.evaluate import GRU4REC, eval_key, read_results
 from pipelines.tracking import TAG_DATA, TAG_MODEL, Tracker, guard
-from pipelines.train import model_path, read_meta
+from pipelines.train import read_meta
 from recsys.config import Config
 from recsys.core.errors import RecsysError
 from recsys.data.preparation import load_prepared
-from recsys.serving.pyfunc import SESSION_COLUMN
+from recsys.serving.mlflow_store import CHALLENGER, CHAMPION, log_pyfunc
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 METRIC_TAG = "recsys.metric."
-PACKAGE_DIR = Path(recsys.__file__).parent
-
-
-def _pip_requirements() -> list[str]:
-    return [
-        "torch==2.13.0",
-        "mlflow>=3.17,<3.18",
-        "polars>=2.1,<3",
-        "numpy>=1.26",
-        "pydantic>=2,<3",
-        "pyyaml>=6",
-    ]
-
-
-def _signature(numeric_ids: bool) -> Any:
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array
-
-    return ModelSignature(
-        inputs=Schema([ColSpec(Array("long" if numeric_ids else "string"), SESSION_COLUMN)]),
-        params=ParamSchema(
-            [ParamSpec("k", "long", 20), ParamSpec("exclude_seen", "boolean", False)]
-        ),
-    )
 
 
 def _existing_version(client: Any, name: str, fingerprint: str) -> Any | None:
@@ -77,11 +48,11 @@ def run_register(config: Config, tracker: Tracker, promote: bool = False) -> dic
 
     meta = read_meta(config)
     if meta is None:
-        raise RecsysError(f"{model_path(config)}: no trained model; run `recsys train` first")
+        raise RecsysError(f"{config.model_file}: no trained model; run `recsys train` first")
     data = load_prepared(config.prepared_dir)
-    results = read_results(config)
     key = eval_key(config, meta["model_fingerprint"], data.stats["fingerprint"])
-    if results is None or results.get("key") != key:
+    results = read_results(config, key)
+    if results is None:
         raise RecsysError(
             "the evaluation is missing or belongs to another model; run `recsys evaluate` first"
         )
@@ -96,23 +67,13 @@ def run_register(config: Config, tracker: Tracker, promote: bool = False) -> dic
     client = tracker.client
     name = config.registered_model_name
     fingerprint = meta["model_fingerprint"]
-    numeric_ids = _numeric_ids(data)
 
     with tracker.step("register", ("model", "train", "registry")) as run:
         version = _existing_version(client, name, fingerprint)
         reused = version is not None
         if version is None:
             with guard("logging the model"):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(PACKAGE_DIR / "serving" / "pyfunc_entry.py"),
-                    artifacts={"model": str(model_path(config))},
-                    code_paths=[str(PACKAGE_DIR)],
-                    signature=_signature(numeric_ids),
-                    input_example=(_example_sessions(data), {"k": 20}),
-                    pip_requirements=_pip_requirements(),
-                    model_config={"k": 20},
-                )
+                info = log_pyfunc(config.model_file, _example_sessions(data))
             tags = {
                 TAG_MODEL: fingerprint,
                 TAG_DATA: data.stats["fingerprint"],
@@ -177,15 +138,7 @@ def describe(outcome: dict[str, Any]) -> str:
     )
 
 
-def _numeric_ids(data: Any) -> bool:
-    import polars as pl
-
-    return data.items["item_id"].dtype in (pl.Int64, pl.Int32, pl.UInt32, pl.UInt64)
-
-
-def _example_sessions(data: Any) -> Any:
-    """Two sessions (3 and 2 clicks) in the request's shape: a frame with an ``items`` column."""
-    import pandas as pd
-
+def _example_sessions(data: Any) -> list[list[Any]]:
+    """Two test sessions' worth of ids (3 and 2 clicks): the logged model's input example."""
     items = data.test["item_id"].head(5).to_list()
-    return pd.DataFrame({SESSION_COLUMN: [items[:3], items[3:5]]})
+    return [items[:3], items[3:5]]

@@ -19,15 +19,18 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from recsys.config import Config
 from recsys.core.errors import RecsysError
+from recsys.serving.mlflow_store import CHAMPION
 
 HOST = "127.0.0.1"  # loopback only, unless the user asks for more
 START_TIMEOUT = 120.0
 
 
-def champion_uri(name: str) -> str:
-    """The registry URI that ``recsys register`` gives the champion of a config's dataset."""
-    return f"models:/gru4rec-{name}@champion"
+def champion_uri(config: Config) -> str:
+    """The champion that ``recsys register`` keeps for a config, under its registered name."""
+
+    return f"models:/{config.registered_model_name}@{CHAMPION}"
 
 
 def free_port(host: str = HOST) -> int:

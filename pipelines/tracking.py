@@ -1,8 +1,7 @@
-"""MLflow conventions (DESIGN §5), defined once: store location, experiments, runs, tags.
+"""How the pipeline's runs are laid out in MLflow (DESIGN §5): experiments, runs, tags.
 
-Default store: ``sqlite:///<project>/mlops/mlflow.db`` with artifacts in ``mlops/artifacts``;
-``MLFLOW_TRACKING_URI`` switches to any server unchanged. One experiment per dataset, one
-parent run per pipeline invocation and a child run per step.
+The store itself (where it is, how to reach it) is ``recsys.serving.mlflow_store``'s. One
+experiment per dataset, one parent run per pipeline invocation and a child run per step.
 """
 
 from __future__ import annotations
@@ -13,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipelines.cache import config_key
 from recsys.config import Config
-from recsys.core.errors import RecsysError
-from recsys.serving.mlflow_store import artifact_root, connect, first_line
+from recsys.core.errors import RecsysError, first_line
+from recsys.serving.mlflow_store import artifact_root, connect
 
 TAG_STEP = "recsys.step"
 TAG_DATA = "recsys.data_fingerprint"
@@ -25,6 +25,7 @@ TAG_CACHED = "recsys.cached"
 TAG_MODEL = "recsys.model_fingerprint"
 TAG_PRODUCTS = "recsys.products"  # the precision train.matmul resolved to (fp32 or bf16)
 TAG_KERNELS = "recsys.kernels"  # what train.kernels resolved to (native or torch)
+PARAMS_PER_BATCH = 100  # MLflow's limit on params in one log_batch
 
 
 def git_commit() -> str:
@@ -89,11 +90,7 @@ class Tracker:
         self.parent_id = run.info.run_id
         try:
             with guard("logging the config"):
-                self.client.log_batch(
-                    run.info.run_id,
-                    params=_params(self.config.flat_params()),
-                    tags=_tags({TAG_STEP: "pipeline", TAG_COMMIT: self.commit}),
-                )
+                self._log_config(run.info.run_id, {TAG_STEP: "pipeline", TAG_COMMIT: self.commit})
             yield run.info.run_id
         except BaseException:
             mlflow.end_run(status="FAILED")
@@ -101,6 +98,14 @@ class Tracker:
             raise
         mlflow.end_run()
         self.parent_id = None
+
+    def _log_config(self, run_id: str, tags: dict[str, str]) -> None:
+        """The whole config as params and the run's tags; params in batches of at most 100,
+        the most a tracking server takes in one request."""
+        params = _params(self.config.flat_params())
+        self.client.log_batch(run_id, params=params[:PARAMS_PER_BATCH], tags=_tags(tags))
+        for start in range(PARAMS_PER_BATCH, len(params), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=params[start : start + PARAMS_PER_BATCH])
 
     @contextlib.contextmanager
     def step(self, step: str, config_sections: tuple[str, ...]) -> Iterator[StepRun]:
@@ -117,16 +122,13 @@ class Tracker:
         handle = StepRun(self.client, run.info.run_id)
         try:
             with guard(f"logging the {step} run"):
-                self.client.log_batch(
+                self._log_config(
                     run.info.run_id,
-                    params=_params(self.config.flat_params()),
-                    tags=_tags(
-                        {
-                            TAG_STEP: step,
-                            TAG_COMMIT: self.commit,
-                            TAG_CONFIG: self.config.section_hash(*config_sections),
-                        }
-                    ),
+                    {
+                        TAG_STEP: step,
+                        TAG_COMMIT: self.commit,
+                        TAG_CONFIG: config_key(self.config, *config_sections),
+                    },
                 )
             yield handle
         except BaseException:

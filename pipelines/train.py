@@ -2,45 +2,34 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
+from pipelines.cache import config_key, read_marker, step_key
 from pipelines.tracking import TAG_CACHED, TAG_DATA, TAG_KERNELS, TAG_MODEL, TAG_PRODUCTS, Tracker
 from recsys.config import Config
 from recsys.core.atomic import write_json
+from recsys.core.metrics import parse_metric
 from recsys.core.plots import plot_loss
 from recsys.core.progress import step
 from recsys.data.preparation import PreparedDataset, load_prepared
-from recsys.data.schema import ITEM, SUPPORT
-from recsys.evaluation.gru4rec import GRU4RecRecommender
+from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import evaluate
+from recsys.model.artifact import ItemIndex, TrainedModel
 from recsys.model.gru4rec import GRU4Rec
 from recsys.training.trainer import train_gru4rec
 
-MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 LOSS_PLOT = "loss.png"
 
 
-def model_path(config: Config) -> Path:
-    return config.model_dir / MODEL_FILE
-
-
 def train_key(config: Config, data_fingerprint: str) -> str:
-    blob = f"{config.section_hash('model', 'train')}|{data_fingerprint}"
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """A model is of the model and train sections and of the prepared data."""
+    return step_key(config_key(config, "model", "train"), data_fingerprint)
 
 
-def read_meta(config: Config) -> dict[str, Any] | None:
-    path = config.model_dir / META_FILE
-    if not path.exists() or not model_path(config).exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+def read_meta(config: Config, key: str | None = None) -> dict[str, Any] | None:
+    """The trained model's ``meta.json`` (None without a model, or one of another ``key``)."""
+    return read_marker(config.model_dir / META_FILE, key, needs=[config.model_file])
 
 
 def _tune_epochs(config: Config, data: PreparedDataset) -> tuple[int, list[dict[str, Any]]]:
@@ -48,11 +37,12 @@ def _tune_epochs(config: Config, data: PreparedDataset) -> tuple[int, list[dict[
     after ``patience`` epochs without a gain, and return the best epoch count for the refit."""
     es = config.train.early_stopping
     assert es is not None
-    k = int(es.metric.split("@")[1])
+    metric = parse_metric(es.metric)  # checked when the config loaded; its own cut-off
 
     def validate(model: GRU4Rec) -> float:
-        rec = GRU4RecRecommender(data.n_items, model=model)
-        return evaluate(rec, data.valid, cutoffs=[k], show_progress=False).metrics[es.metric]
+        rec = GRU4RecScorer(model)
+        result = evaluate(rec, data.valid, cutoffs=[metric.k], show_progress=False)
+        return result.metrics[str(metric)]
 
     tuned = train_gru4rec(
         data.train_tr,
@@ -79,11 +69,10 @@ def run_train(
     data = load_prepared(config.prepared_dir)
     fingerprint = data.stats["fingerprint"]
     key = train_key(config, fingerprint)
-    meta = read_meta(config)
-    cached = not force and not resume and meta is not None and meta.get("key") == key
-    if not cached:
+    meta = None if force or resume else read_meta(config, key)
+    cached = meta is not None
+    if meta is None:
         meta = _train(config, data, key, resume)
-    assert meta is not None
     if tracker is not None:
         with tracker.step("train", ("model", "train")) as run:
             run.tags(
@@ -110,7 +99,7 @@ def run_train(
     last = meta["history"][-1]
     status = "up to date, not retrained" if cached else f"trained in {meta['seconds']:.1f}s"
     print(
-        f"model: {model_path(config)} ({status}); {meta['epochs']} epochs, final loss "
+        f"model: {config.model_file} ({status}); {meta['epochs']} epochs, final loss "
         f"{last['loss']:.4f}, {last['events_per_second']:,.0f} events/s"
         + (f", {last['products']} products" if "products" in last else "")
         + (f", {last['kernels']} kernels" if "kernels" in last else "")
@@ -138,16 +127,10 @@ def _train(config: Config, data: PreparedDataset, key: str, resume: bool) -> dic
             epochs=epochs,
         )
     history += [{**r, "phase": "fit"} for r in result.history]
-    items = data.items.sort("item_idx")
-    extra = {
-        "item_ids": items[ITEM].to_list(),
-        "support": items[SUPPORT].to_list(),
-        "dataset": config.name,
-        "data_fingerprint": data.stats["fingerprint"],
-    }
-    path = model_path(config)
-    result.model.save(path, extra)
-    model_fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    trained = TrainedModel(
+        result.model, ItemIndex.from_table(data.items), config.name, data.stats["fingerprint"]
+    )
+    model_fingerprint = trained.save(config.model_file)
     meta = {
         "key": key,
         "model_fingerprint": model_fingerprint,

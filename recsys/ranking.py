@@ -1,4 +1,8 @@
-"""Exact top-k over the whole catalogue, found at low-precision speed.
+"""Ranking, defined once: ties, target ranks, next-item targets, exclusions and exact top-k.
+
+Evaluation, the baselines and serving all rank through this module, so "serving ranks as
+evaluation does" rests on one implementation. ``rank_scores`` ranks a score matrix the caller
+already has (the baselines); ``CatalogueRanker`` ranks GRU outputs against the item matrix.
 
 Every recommendation and every evaluated event scores the session's output ``x`` against the
 whole item matrix, ``x @ W.T + b``; on a CPU that product is the cost (43k x 512 fp32 is 88 MB
@@ -15,8 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
+
+TieMode = Literal["conservative", "standard", "median"]
+Exclusions = Sequence[Sequence[int]]  # per row: the items that may not be recommended
 
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 FP32_UNIT = 2.0**-24
@@ -35,6 +44,74 @@ class TopK:
     scores: torch.Tensor  # (M, k) float32 exact scores (-inf where exclusions ran the row dry)
     ranks: torch.Tensor | None  # (M,) int64 target ranks; k + 1 = beyond the top k
     certified: int  # rows settled by the cheap pass (the rest were scored in full fp32)
+
+
+def rank_from_counts(
+    ties: TieMode | str, above: torch.Tensor | None, at_least: torch.Tensor | None
+) -> torch.Tensor:
+    """The tie rule: conservative = #(score >= target's) (the target included), standard =
+    #(score > target's) + 1, median = their mean. Only the counts a mode needs are required;
+    ranks are 1-based floats (the median mode can be .5)."""
+    if ties == "standard":
+        assert above is not None
+        return above.to(torch.float64) + 1
+    assert at_least is not None
+    if ties == "conservative":
+        return at_least.to(torch.float64)
+    assert above is not None
+    return (at_least.to(torch.float64) + above.to(torch.float64) + 1) / 2
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: TieMode | str) -> torch.Tensor:
+    """1-based rank of each row's target among all items, by the tie rule of ``ties``."""
+    target_scores = scores.gather(1, targets.view(-1, 1))  # (N, 1)
+    above = (scores > target_scores).sum(1) if ties != "conservative" else None
+    at_least = (scores >= target_scores).sum(1) if ties != "standard" else None
+    return rank_from_counts(ties, above, at_least)
+
+
+def next_item_targets(
+    sessions: Sequence[np.ndarray], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The target of every prediction, session-major: each session's clicks after the first."""
+    return torch.from_numpy(np.concatenate([s[1:] for s in sessions])).to(device)
+
+
+def prefix_items(sessions: Sequence[np.ndarray]) -> list[list[int]]:
+    """The items of every proper prefix, session-major: what ``exclude_seen`` leaves out."""
+    return [s[: t + 1].tolist() for s in sessions for t in range(len(s) - 1)]
+
+
+def mask_items(scores: torch.Tensor, exclude: Exclusions | None) -> None:
+    """Set excluded items of each row to -inf, in place."""
+    if not exclude:
+        return
+    rows = [i for i, e in enumerate(exclude) for _ in e]
+    cols = [j for e in exclude for j in e]
+    if cols:
+        scores[
+            torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)
+        ] = float("-inf")
+
+
+def rank_scores(
+    scores: torch.Tensor,
+    k: int,
+    exclude: Exclusions | None = None,
+    targets: torch.Tensor | None = None,
+    ties: TieMode | str = "conservative",
+) -> TopK:
+    """Exact top-k of a full score matrix (M, n), excluded items first set to -inf (in place).
+
+    Target ranks are exact up to ``k`` and ``k + 1`` beyond, as ``CatalogueRanker.top_k``.
+    """
+    k = min(k, scores.shape[1])
+    mask_items(scores, exclude)
+    values, items = torch.topk(scores, k, dim=1)
+    ranks = None
+    if targets is not None:
+        ranks = target_ranks(scores, targets, ties).clamp(max=k + 1)
+    return TopK(items, values, ranks, 0)
 
 
 class CatalogueRanker:
@@ -138,34 +215,32 @@ class CatalogueRanker:
         return rel * (out.norm(dim=1) * self.max_norm + self.max_bias)  # (M,)
 
     def _candidates(
-        self, out: torch.Tensor, m: int, exclude: Sequence[Sequence[int]] | None
+        self, out: torch.Tensor, m: int, exclude: Exclusions | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The m items with the best upper bounds per row: (bounds (M, m) fp32, items (M, m))."""
         if self.uses_gemv(len(out)):
             upper = self._int8_upper(out)
-            _mask(upper, exclude)
+            mask_items(upper, exclude)
             return torch.topk(upper, m, dim=1)
         # One bound per row: the best bounds are the best approximate scores (no (M, n) sum).
         approx = self._bf16_scores(out)
-        _mask(approx, exclude)
+        mask_items(approx, exclude)
         values, cand = torch.topk(approx, m, dim=1)
         return values.float() + self._bf16_slack(out).unsqueeze(1), cand
 
     # --- the exact answer -------------------------------------------------------------------
 
-    def full_scores(
-        self, out: torch.Tensor, exclude: Sequence[Sequence[int]] | None = None
-    ) -> torch.Tensor:
+    def full_scores(self, out: torch.Tensor, exclude: Exclusions | None = None) -> torch.Tensor:
         """(M, n) fp32 scores over the catalogue; excluded items get -inf."""
         scores = torch.addmm(self.bias, out, self.weights.t())
-        _mask(scores, exclude)
+        mask_items(scores, exclude)
         return scores
 
     def top_k(
         self,
         out: torch.Tensor,
         k: int,
-        exclude: Sequence[Sequence[int]] | None = None,
+        exclude: Exclusions | None = None,
         targets: torch.Tensor | None = None,
         ties: str = "conservative",
         fast: bool = True,
@@ -175,8 +250,6 @@ class CatalogueRanker:
         ``exclude`` lists, per row, items that may not be recommended (they score -inf).
         A target's rank is exact whenever it is within the top k, else k + 1.
         """
-        from recsys.evaluation.harness import rank_from_counts
-
         k = min(k, self.n_items)
         with torch.inference_mode():
             # Decided before uses_gemv, which would build the int8 copy. On a GPU the full fp32
@@ -205,6 +278,12 @@ class CatalogueRanker:
                 target_score = torch.where(
                     is_target.any(1, keepdim=True), cand_exact.gather(1, first), exact[:, m : m + 1]
                 )
+                if exclude:  # an excluded target cannot be recommended: a miss, as in full scoring
+                    excluded = torch.tensor(
+                        [int(t) in set(e) for t, e in zip(targets.tolist(), exclude, strict=True)],
+                        device=out.device,
+                    )
+                    target_score = target_score.masked_fill(excluded.unsqueeze(1), float("-inf"))
                 others = cand_exact.masked_fill(is_target, float("-inf"))
                 above = (others > target_score).sum(1)
                 at_least = (others >= target_score).sum(1) + 1  # + the target itself
@@ -228,34 +307,15 @@ class CatalogueRanker:
         self,
         out: torch.Tensor,
         k: int,
-        exclude: Sequence[Sequence[int]] | None,
+        exclude: Exclusions | None,
         targets: torch.Tensor | None,
         ties: str,
     ) -> TopK:
-        from recsys.evaluation.harness import target_ranks
-
-        scores = self.full_scores(out, exclude)
-        values, items = torch.topk(scores, k, dim=1)
-        ranks = None
-        if targets is not None:
-            ranks = target_ranks(scores, targets, ties).clamp(max=k + 1)
-        return TopK(items, values, ranks, 0)
+        return rank_scores(self.full_scores(out), k, exclude, targets, ties)
 
 
 def _padded(dim: int) -> int:
     return -(-dim // 64) * 64
-
-
-def _mask(scores: torch.Tensor, exclude: Sequence[Sequence[int]] | None) -> None:
-    """Set excluded items of each row to -inf, in place."""
-    if not exclude:
-        return
-    rows = [i for i, e in enumerate(exclude) for _ in e]
-    cols = [j for e in exclude for j in e]
-    if cols:
-        scores[
-            torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)
-        ] = float("-inf")
 
 
 def ranker_for(weights: torch.Tensor, bias: torch.Tensor, owner: object) -> CatalogueRanker:

@@ -11,16 +11,15 @@ from typing import Any, NoReturn
 import pytest
 import yaml
 
+from recsys.serving.mlflow_store import QUIET_ENV
+
+pytest.register_assert_rewrite("tests.helpers")  # its asserts report values, as in tests
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
 
-QUIET = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_LOGGING_LEVEL": "WARNING",
-    "GIT_PYTHON_REFRESH": "quiet",
-    "RECSYS_QUIET": "1",
-    "PYTHONWARNINGS": "ignore",
-}
+# MLflow's quiet environment, plus no progress lines and no warnings in subprocess output
+QUIET = {**QUIET_ENV, "RECSYS_QUIET": "1", "PYTHONWARNINGS": "ignore"}
 for _k, _v in QUIET.items():
     os.environ.setdefault(_k, _v)
 
@@ -110,6 +109,6 @@ def run_cli(
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A small GRU4Rec trained on the RSC15 sample, shared by the serving and scoring tests."""
-    from tests.test_serving import train_rsc
+    from tests.helpers import train_rsc  # imported here: tests.helpers imports this module
 
     return train_rsc(tmp_path_factory.mktemp("rsc"))

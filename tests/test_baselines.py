@@ -9,6 +9,15 @@ import polars as pl
 import pytest
 import torch
 
+from recsys.config import (
+    BASELINE_KINDS,
+    BASELINE_PARAMS,
+    ItemKNNParams,
+    SequentialRulesParams,
+    STANParams,
+    VSKNNParams,
+    default_baselines,
+)
 from recsys.core.errors import RecsysError
 from recsys.data.schema import ITEM_IDX, SESSION, TIME, TIME_DTYPE
 from recsys.evaluation.baselines import (
@@ -19,7 +28,6 @@ from recsys.evaluation.baselines import (
     Pop,
     SequentialRules,
     SPop,
-    baseline_params,
     make_baseline,
 )
 
@@ -88,11 +96,13 @@ def test_iknn_ranks_the_most_co_occurring_item_first_and_uses_only_the_last_item
 
 def test_iknn_similarity_is_regularised_cosine() -> None:
     train = log([[0, 1], [0, 1], [0, 2], [1, 3]])
-    scores = ItemKNN(4, lmbd=2.0, alpha=0.5).fit(train).score_next([arr(0)])[0].double()
+    scores = (
+        ItemKNN(4, ItemKNNParams(lmbd=2.0, alpha=0.5)).fit(train).score_next([arr(0)])[0].double()
+    )
     # co(0,1)=2, supp 0=3, supp 1=3; co(0,2)=1, supp 2=1 -> sims 2/5 and 1/sqrt(15)
     expected = (1 / np.sqrt(5 * 3)) / (2 / 5)
     assert scores[2] / scores[1] == pytest.approx(expected, rel=1e-3)
-    pruned = ItemKNN(4, n_sims=1).fit(train).score_next([arr(0)])[0]
+    pruned = ItemKNN(4, ItemKNNParams(n_sims=1)).fit(train).score_next([arr(0)])[0]
     assert pruned[2] == pruned[3] < pruned[1]  # 2 lost its evidence: same fallback as 3
 
 
@@ -112,7 +122,9 @@ def test_sr_weights_by_distance_and_prunes() -> None:
     assert scores[1].item() == pytest.approx(1.0, abs=1e-4)
     assert scores[2].item() == pytest.approx(0.5, abs=1e-4)
     for params in ({"steps": 1}, {"pruning": 1}):
-        pruned = SequentialRules(4, **params).fit(train).score_next([arr(0)])[0]
+        pruned = (
+            SequentialRules(4, SequentialRulesParams(**params)).fit(train).score_next([arr(0)])[0]
+        )
         assert pruned[2] == pruned[3] < pruned[1]  # 2 lost its rule: same fallback as 3
 
 
@@ -142,19 +154,19 @@ def test_vsknn_scores_follow_the_paper_formula() -> None:
 def test_session_knn_sampling_keeps_the_most_recent_candidates_and_k_the_most_similar() -> None:
     train = log([[0, 1, 7], [0, 8], [9, 10]], days=[0.0, 1.0, 2.0])  # B is more recent than A
     prefix = [arr(0, 1)]
-    recent_only = VSKNN(12, sample_size=1).fit(train).score_next(prefix)[0]
+    recent_only = VSKNN(12, VSKNNParams(sample_size=1)).fit(train).score_next(prefix)[0]
     assert recent_only[8] > recent_only[7]
-    nearest_only = VSKNN(12, k=1).fit(train).score_next(prefix)[0]
+    nearest_only = VSKNN(12, VSKNNParams(k=1)).fit(train).score_next(prefix)[0]
     assert nearest_only[7] > nearest_only[8]
 
 
 def test_stan_prefers_recent_neighbours_and_items_near_the_match() -> None:
     train = log([[0, 20], [0, 21], [5, 0, 11, 12, 13]], days=[0.0, 10.0, 1.0])
-    scores = STAN(22, lambda_snh=1.0).fit(train).score_next([arr(0)])[0]
+    scores = STAN(22, STANParams(lambda_snh=1.0)).fit(train).score_next([arr(0)])[0]
     assert scores[21] > scores[20]  # same content, more recent neighbour
     assert scores[11] > scores[12] > scores[13]  # closer to the matched item in the neighbour
     assert scores[5] == pytest.approx(scores[11].item(), rel=1e-3)  # distance 1 on either side
-    no_recency = STAN(22, lambda_snh=None).fit(train).score_next([arr(0)])[0]
+    no_recency = STAN(22, STANParams(lambda_snh=None)).fit(train).score_next([arr(0)])[0]
     assert no_recency[21] == pytest.approx(no_recency[20].item(), rel=1e-3)
 
 
@@ -236,27 +248,87 @@ def test_items_with_evidence_beat_all_others_which_follow_popularity(kind: str) 
 
 def test_make_baseline_builds_every_kind_with_published_defaults() -> None:
     assert set(BASELINES) == {"pop", "spop", "iknn", "vsknn", "stan", "sr"}
-    assert baseline_params("iknn") == {"n_sims": 100, "lmbd": 20.0, "alpha": 0.5}
-    assert baseline_params("sr") == {"steps": 10, "weighting": "div", "pruning": 20}
-    assert baseline_params("vsknn")["k"] == 100 and baseline_params("vsknn")["sample_size"] == 500
-    stan = baseline_params("stan")
+    # one list of kinds: the config's, which also names the default baselines, in its order
+    assert tuple(BASELINES) == BASELINE_KINDS == tuple(default_baselines())
+
+    def defaults(kind: str) -> dict[str, object]:
+        return BASELINE_PARAMS[kind]().model_dump()
+
+    assert defaults("pop") == defaults("spop") == {}
+    assert defaults("iknn") == {"n_sims": 100, "lmbd": 20.0, "alpha": 0.5}
+    assert defaults("sr") == {"steps": 10, "weighting": "div", "pruning": 20}
+    assert defaults("vsknn") == {
+        "k": 100,
+        "sample_size": 500,
+        "weighting": "div",
+        "weighting_score": "div",
+    }
+    stan = defaults("stan")
     assert (stan["k"], stan["sample_size"]) == (500, 5000)
     assert (stan["lambda_spw"], stan["lambda_snh"], stan["lambda_inh"]) == (1.02, 5.0, 2.05)
+    for kind, cls in BASELINES.items():
+        model = make_baseline(kind, 10)
+        assert type(model) is cls and model.params == BASELINE_PARAMS[kind]()
     model = make_baseline("vsknn", 10, {"k": 5})
-    assert isinstance(model, VSKNN) and model.k == 5 and model.n_items == 10
+    assert isinstance(model, VSKNN) and model.params.k == 5 and model.n_items == 10
+    assert make_baseline("stan", 10, STANParams(k=7)).params.k == 7
 
 
 def test_make_baseline_rejects_unknown_kinds_and_parameters_clearly() -> None:
-    with pytest.raises(RecsysError, match=r"unknown baseline 'knn'.*'iknn'"):
+    with pytest.raises(RecsysError, match=r"unknown baseline kind 'knn'.*iknn"):
         make_baseline("knn", 10, {})
-    with pytest.raises(RecsysError, match=r"'stan' has no parameter\(s\) \['lambda'\].*lambda_inh"):
+    with pytest.raises(
+        RecsysError, match=r"(?s)'stan'.*unknown parameter\(s\) \['lambda'\].*lambda_inh"
+    ):
         make_baseline("stan", 10, {"lambda": 1.0})
-    with pytest.raises(RecsysError, match=r"'pop' has no parameter\(s\) \['k'\].*none"):
+    with pytest.raises(RecsysError, match=r"(?s)'pop'.*unknown parameter\(s\) \['k'\].*none"):
         make_baseline("pop", 10, {"k": 3})
-    with pytest.raises(RecsysError, match=r"'vsknn'.*k must be a positive integer"):
+    with pytest.raises(RecsysError, match=r"(?s)'vsknn'.*params\.k: .*greater than or equal to 1"):
         make_baseline("vsknn", 10, {"k": 0})
-    with pytest.raises(RecsysError, match=r"'sr'.*weighting must be one of"):
+    with pytest.raises(
+        RecsysError, match=r"(?s)'sr'.*params\.weighting: .*'div', 'same' or 'quadratic'"
+    ):
         make_baseline("sr", 10, {"weighting": "log"})
+    with pytest.raises(RecsysError, match=r"(?s)'stan'.*params: .*instance of STANParams"):
+        make_baseline("stan", 10, VSKNNParams())  # typed parameters of another kind
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "key"),
+    [
+        ("iknn", {"n_sims": 0}, "n_sims"),
+        ("iknn", {"n_sims": 2.0}, "n_sims"),
+        ("iknn", {"n_sims": True}, "n_sims"),
+        ("iknn", {"lmbd": -0.1}, "lmbd"),
+        ("iknn", {"lmbd": float("inf")}, "lmbd"),
+        ("iknn", {"alpha": 1.5}, "alpha"),
+        ("iknn", {"alpha": True}, "alpha"),
+        ("sr", {"steps": 0}, "steps"),
+        ("sr", {"pruning": -1}, "pruning"),
+        ("sr", {"pruning": False}, "pruning"),
+        ("vsknn", {"sample_size": 0}, "sample_size"),
+        ("vsknn", {"weighting_score": "quadratic"}, "weighting_score"),
+        ("stan", {"lambda_spw": 0}, "lambda_spw"),
+        ("stan", {"lambda_snh": -1.0}, "lambda_snh"),
+        ("stan", {"lambda_inh": float("nan")}, "lambda_inh"),
+    ],
+)
+def test_every_parameter_keeps_its_range(kind: str, params: dict[str, object], key: str) -> None:
+    with pytest.raises(RecsysError, match=rf"params\.{key}: "):
+        make_baseline(kind, 10, params)
+
+
+def test_parameters_at_the_edges_of_their_ranges_are_accepted() -> None:
+    edges = {
+        "iknn": {"n_sims": 1, "lmbd": 0, "alpha": 1},
+        "sr": {"steps": 1, "weighting": "quadratic", "pruning": 0},
+        "vsknn": {"k": 1, "sample_size": 1, "weighting": "same", "weighting_score": "same"},
+        "stan": {"lambda_spw": None, "lambda_snh": None, "lambda_inh": 1e-9},
+    }
+    for kind, params in edges.items():
+        model = make_baseline(kind, 10, params)
+        assert model.params.model_dump() | params == model.params.model_dump()
+    assert make_baseline("iknn", 10, {"lmbd": 0}).params.lmbd == 0.0  # ints read as floats
 
 
 def test_bad_inputs_raise_recsys_errors() -> None:

@@ -12,18 +12,22 @@ import polars as pl
 import pytest
 import torch
 
+from pipelines.prepare import prepare
 from recsys.config import ModelConfig, TrainConfig, config_from_dict
 from recsys.data.batching import session_arrays
-from recsys.data.preparation import PreparedDataset, load_prepared, prepare
+from recsys.data.preparation import PreparedDataset, load_prepared
 from recsys.evaluation.baselines import make_baseline
-from recsys.evaluation.gru4rec import GRU4RecRecommender
-from recsys.evaluation.harness import MetricAccumulator, evaluate, naive_evaluate, target_ranks
-from recsys.evaluation.scorer import Recommender
+from recsys.evaluation.gru4rec import GRU4RecScorer
+from recsys.evaluation.harness import MetricAccumulator, evaluate
+from recsys.evaluation.harness import test_sessions as known_sessions
+from recsys.evaluation.scorer import SessionScorer
+from recsys.model.artifact import ItemIndex, TrainedModel
+from recsys.ranking import next_item_targets, target_ranks
 from recsys.training.trainer import train_gru4rec
 from tests.conftest import shared_path, tiny_config
 
 
-class FixedScores(Recommender):
+class FixedScores(SessionScorer):
     """Scores that depend only on the last item: a table the test writes by hand."""
 
     name = "fixed"
@@ -128,7 +132,7 @@ def test_batched_equals_naive_for_gru4rec_and_a_baseline(rsc15: PreparedDataset)
         )
     )
     for rec in (
-        GRU4RecRecommender(rsc15.n_items, model=model),
+        GRU4RecScorer(model),
         make_baseline("sr", rsc15.n_items, {}).fit(rsc15.train),
     ):
         for ties in ("conservative", "standard", "median"):
@@ -149,7 +153,7 @@ def test_evaluation_never_changes_a_model(rsc15: PreparedDataset) -> None:
     model = train_gru4rec(rsc15.train, rsc15.n_items, ModelConfig(layers=[16]), cfg).model
     test = rsc15.test.head(2000)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    evaluate(GRU4RecRecommender(rsc15.n_items, model=model), test, show_progress=False)
+    evaluate(GRU4RecScorer(model), test, show_progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     for kind in ("pop", "spop", "iknn", "sr", "vsknn", "stan"):
         baseline = make_baseline(kind, rsc15.n_items, {}).fit(rsc15.train)
@@ -166,8 +170,7 @@ def test_the_evaluate_step_fits_baselines_on_train_only(
     cannot, and the step's numbers equal those of a model fitted on train by hand."""
     import dataclasses
 
-    from pipelines.evaluate import _evaluate
-    from pipelines.train import model_path
+    from pipelines.evaluate import evaluate_dataset
 
     pairs = set(
         zip(
@@ -192,8 +195,8 @@ def test_the_evaluate_step_fits_baselines_on_train_only(
     config = config_from_dict(raw)
     cfg = TrainConfig(batch_size=32, epochs=1, n_sample=16, sample_store_size=1600, max_steps=5)
     model = train_gru4rec(rsc15.train, rsc15.n_items, ModelConfig(layers=[8]), cfg).model
-    model.save(model_path(config), {"item_ids": list(range(rsc15.n_items))})
-    rows = {r["model"]: r for r in _evaluate(config, data, key="k")["rows"]}
+    TrainedModel(model, ItemIndex.of(range(rsc15.n_items))).save(config.model_file)
+    rows = {r["model"]: r for r in evaluate_dataset(config, data, key="k")["rows"]}
     by_hand = evaluate(
         make_baseline("sr", rsc15.n_items, {}).fit(rsc15.train), leaky, show_progress=False
     )
@@ -201,19 +204,57 @@ def test_the_evaluate_step_fits_baselines_on_train_only(
 
 
 def test_fast_ranking_equals_full_fp32_scoring(rsc15: PreparedDataset) -> None:
+    """The certified pass (forced on: this catalogue is below its default size) against full
+    fp32 scoring, with and without excluding the prefix's items, ranks and metrics alike."""
     cfg = TrainConfig(batch_size=32, epochs=1, n_sample=64, sample_store_size=6400, max_steps=300)
     model = train_gru4rec(rsc15.train, rsc15.n_items, ModelConfig(layers=[64]), cfg).model
-    rec = GRU4RecRecommender(rsc15.n_items, model=model)
+    fast, plain = GRU4RecScorer(model, fast_ranking=True), GRU4RecScorer(model, fast_ranking=False)
     sessions = [s for s in session_arrays(rsc15.test).sessions() if len(s) >= 2][:400]
     for ties in ("conservative", "standard", "median"):
-        fast_ranks, fast_top = rec.rank_sessions(sessions, ties, 20)
-        rec.fast_ranking = False
-        ranks, top = rec.rank_sessions(sessions, ties, 20)
-        rec.fast_ranking = True
-        within = ranks <= 20
-        assert torch.equal(fast_ranks[within], ranks[within]), ties
-        assert bool((fast_ranks[~within] > 20).all())
-        assert torch.equal(torch.sort(fast_top, 1).values, torch.sort(top, 1).values)
-    full = evaluate(rec, rsc15.test, show_progress=False).metrics
-    rec.fast_ranking = False
-    assert full == evaluate(rec, rsc15.test, show_progress=False).metrics
+        for exclude_seen in (False, True):
+            fast_ranks, fast_top = fast.rank_sessions(sessions, ties, 20, exclude_seen)
+            ranks, top = plain.rank_sessions(sessions, ties, 20, exclude_seen)
+            within = ranks <= 20
+            assert 0.05 < float(within.float().mean()) < 1.0  # hits and misses both tested
+            assert torch.equal(fast_ranks[within], ranks[within]), (ties, exclude_seen)
+            assert bool((fast_ranks[~within] > 20).all())
+            assert torch.equal(torch.sort(fast_top, 1).values, torch.sort(top, 1).values)
+    with torch.inference_mode():  # the cheap pass itself settled the rows, not the fallback
+        out = model.session_outputs(sessions)
+        certified = fast.ranker.top_k(out, 20, targets=next_item_targets(sessions)).certified
+    assert certified > 0.9 * len(out)
+    for exclude_seen in (False, True):
+        fast_metrics = evaluate(fast, rsc15.test, exclude_seen=exclude_seen, show_progress=False)
+        plain_metrics = evaluate(plain, rsc15.test, exclude_seen=exclude_seen, show_progress=False)
+        assert fast_metrics.metrics == plain_metrics.metrics
+
+
+# The slow reference the batched harness must match: no shared code with it but test_sessions.
+def naive_evaluate(
+    model: SessionScorer,
+    events: pl.DataFrame,
+    cutoffs: Sequence[int] = (1, 5, 10, 20),
+    ties: str = "conservative",
+) -> dict[str, float]:
+    """One prefix at a time, one rank at a time: the slow reference the batched path must match."""
+    sessions, _, _ = known_sessions(events)
+    ranks: list[float] = []
+    for s in sessions:
+        for t in range(len(s) - 1):
+            scores = model.score_next([s[: t + 1]])[0]
+            target = float(scores[int(s[t + 1])])
+            greater = sum(1 for v in scores.tolist() if v > target)
+            equal = sum(1 for v in scores.tolist() if v == target)
+            if ties == "standard":
+                ranks.append(greater + 1)
+            elif ties == "conservative":
+                ranks.append(greater + equal)
+            else:
+                ranks.append(greater + (equal + 1) / 2)
+    out: dict[str, float] = {}
+    n = len(ranks)
+    for k in cutoffs:
+        out[f"recall@{k}"] = sum(r <= k for r in ranks) / n
+        out[f"mrr@{k}"] = sum(1 / r for r in ranks if r <= k) / n
+        out[f"ndcg@{k}"] = sum(1 / math.log2(r + 1) for r in ranks if r <= k) / n
+    return out

@@ -13,12 +13,12 @@ import torch
 
 import recsys.model.kernels as kernels_module
 from recsys.core.errors import RecsysError
-from recsys.model.gru4rec import GRU4Rec, _cell, inverted_dropout
+from recsys.model.gru4rec import GRU4Rec, gru_cell_from_gates, inverted_dropout
 from recsys.model.kernels import native_kernels
 from recsys.model.losses import bpr_max
 from recsys.model.optimizer import RowAdagradM
 from tests.conftest import skip_or_fail_in_ci
-from tests.test_training import deterministic_log, small_train_config
+from tests.helpers import deterministic_log, small_train_config
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_gru_cell_kernel_equals_the_reference_cell_and_its_gradients(
     results = []
     for native in (None, kernels):
         leaves = [t.clone().requires_grad_() for t in (gi, h, w, bias)]
-        out = _cell(*leaves, bf16=bf16, kernels=native)
+        out = gru_cell_from_gates(*leaves, bf16=bf16, kernels=native)
         out.backward(upstream)
         results.append([out.detach(), *(t.grad for t in leaves)])
     for ref, fused in zip(*results, strict=True):

@@ -56,8 +56,13 @@ def test_pipeline_logs_runs_params_metrics_artifacts_and_registers(
     assert set(children) == {"prepare", "train", "evaluate", "register"}
     assert parent.data.params["train.batch_size"] == "32"
     assert parent.data.params["model.layers"] == "[32]"
-    for tag in ("recsys.git_commit",):
-        assert parent.data.tags[tag]
+    # the commit the runs were made from: `git rev-parse HEAD` where the CLI ran (the repo root)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert len(head) == 40 and set(head) <= set("0123456789abcdef")  # a commit, not "unknown"
+    for run in (parent, *children.values()):
+        assert run.data.tags["recsys.git_commit"] == head, run.data.tags["recsys.step"]
     train = children["train"]
     assert train.data.tags["recsys.data_fingerprint"] and train.data.tags["recsys.config_hash"]
     assert train.data.tags["recsys.products"] == "fp32"  # what train.matmul resolved to

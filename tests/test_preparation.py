@@ -17,20 +17,19 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from pipelines.prepare import is_up_to_date, prepare
 from recsys.config import Config, PreparationConfig, config_from_dict, load_config
 from recsys.core.errors import RecsysError
 from recsys.data.preparation import (
     PreparedDataset,
     data_fingerprint,
-    is_up_to_date,
     load_prepared,
     order_by_session_start,
-    prepare,
     prepare_events,
-    session_order,
 )
 from recsys.data.schema import ITEM, ITEM_IDX, SESSION, SPLIT, SPLITS, STATS_FILE, TIME, TIME_DTYPE
 from recsys.data.sources import read_events
+from recsys.data.splits import session_order
 from tests.conftest import ROOT, shared_path
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
@@ -94,6 +93,8 @@ def reference(rows: list[Row], prep: PreparationConfig) -> dict[str, list[Row]]:
         ev = drop_short([e for e in ev if support[e[1]] >= prep.min_item_support])
         if len(ev) == before or not prep.iterate_filters:
             break
+    if not ev:  # everything filtered away: nothing to split
+        return {name: [] for name in SPLITS}
     day = 86_400_000
     t_split = max(e[2] for e in ev) - round(prep.test_days * day)
     train, test = split(ev, t_split)

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from pipelines.prepare import prepare
 from recsys.config import load_config
 from recsys.core.errors import RecsysError
-from recsys.data.preparation import load_prepared, prepare
+from recsys.data.preparation import load_prepared
 from recsys.data.schema import SPLITS
 from recsys.data.synthetic import SyntheticConfig, generate_clicks
 from tests.conftest import ROOT, run_cli, write_config

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recsys.evaluation.harness import target_ranks
-from recsys.ranking import CatalogueRanker
+from recsys.ranking import CatalogueRanker, prefix_items, rank_scores, target_ranks
 
 N_ITEMS, K = 9000, 20
 SUM_ATOL = 1e-5  # fp32 sums in another order: a few ulps of scores of magnitude ~5
@@ -121,3 +120,39 @@ def test_a_catalogue_of_ties_falls_back_to_full_scoring(
     assert got.certified == 0  # nothing can be certified when every item scores the same
     assert got.ranks is not None and int(got.ranks[0]) == K + 1  # conservative: all tie
     assert torch.equal(got.scores, full(same, torch.zeros(N_ITEMS), out[:1]).topk(K).values)
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("ties", ["conservative", "standard", "median"])
+def test_excluded_targets_are_misses_on_both_passes(
+    catalogue: tuple[torch.Tensor, torch.Tensor], rows: int, ties: str
+) -> None:
+    """With exclusions (``exclude_seen``), the certified pass and full scoring agree on every
+    rank, also when the target is itself excluded (it cannot be recommended: a miss)."""
+    weights, bias = catalogue
+    ranker = CatalogueRanker(weights, bias)
+    out = outputs(weights, rows, seed=23)
+    scores = full(weights, bias, out)
+    top = torch.topk(scores, K, dim=1).indices
+    exclude = [top[i, :3].tolist() for i in range(rows)]
+    # even rows: the target is the best item, which is excluded; odd rows: the 5th best (kept)
+    targets = torch.where(torch.arange(rows) % 2 == 0, top[:, 0], top[:, 4])
+    got = ranker.top_k(out, K, exclude=exclude, targets=targets, ties=ties)
+    reference = rank_scores(scores.clone(), K, exclude, targets, ties)
+    assert got.ranks is not None and reference.ranks is not None
+    assert torch.equal(got.ranks, reference.ranks)
+    assert bool((got.ranks[::2] == K + 1).all())
+    # 5th best with 3 better ones excluded: 2nd (3rd where its duplicate ties with it)
+    assert bool((got.ranks[1::2] <= 3).all())
+    # the same top-k (tied duplicates may come in another order), none of them excluded
+    torch.testing.assert_close(got.scores, reference.scores, rtol=0, atol=SUM_ATOL)
+    for i in range(rows):
+        assert not set(got.items[i].tolist()) & set(exclude[i])
+    assert got.certified == rows  # settled by the cheap pass, not by the fallback
+
+
+def test_prefix_items_lists_each_prefix_once_session_major() -> None:
+    import numpy as np
+
+    sessions = [np.array([4, 5, 6]), np.array([7, 8])]
+    assert prefix_items(sessions) == [[4], [4, 5], [7]]

@@ -14,7 +14,7 @@ from recsys.data.schema import ITEM, SESSION, TIME
 from recsys.serving.batch import score_file
 from recsys.serving.recommender import Recommendation, SessionRecommender
 from tests.conftest import run_cli
-from tests.test_serving import assert_same, real_sessions
+from tests.helpers import assert_same, real_sessions
 
 # One torch thread in the subprocesses: on a busy 2-core machine two threads are ~10x slower.
 ENV = {"OMP_NUM_THREADS": "1", "RECSYS_QUIET": "0"}

@@ -13,58 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 
-from recsys.config import Config, config_from_dict
 from recsys.core.errors import RecsysError
-from recsys.data.preparation import PreparedDataset, load_prepared, prepare
-from recsys.data.schema import ITEM, ITEM_IDX, SESSION, SUPPORT
-from recsys.evaluation.gru4rec import GRU4RecRecommender, pad_sessions
-from recsys.model.gru4rec import GRU4Rec
+from recsys.data.preparation import PreparedDataset
+from recsys.data.schema import ITEM
+from recsys.evaluation.gru4rec import GRU4RecScorer
+from recsys.model.artifact import TrainedModel
 from recsys.serving.recommender import LiveSessions, Recommendation, SessionRecommender
-from recsys.training.trainer import train_gru4rec
-from tests.conftest import shared_path, tiny_config
-
-RSC = "yoochoose-rsc15-100k"
-
-
-def rsc_config(workdir: Path) -> Config:
-    """The RSC15 100k sample (train_full + test, time split on the last day), tiny model."""
-    folder = shared_path(RSC)
-    paths = [
-        str(folder / "yoochoose-clicks-100k_train_full.txt"),
-        str(folder / "yoochoose-clicks-100k_test.txt"),
-    ]
-    return config_from_dict(
-        tiny_config(
-            workdir,
-            name="rsc",
-            data={"source": {"format": "gru4rec_tsv", "path": paths}},
-            train={"epochs": 1, "max_steps": 300, "threads": 1},
-        )
-    )
-
-
-def train_rsc(workdir: Path) -> tuple[PreparedDataset, Path]:
-    """Prepare + train through the library; save the model file the way `recsys train` does."""
-    config = rsc_config(workdir)
-    prepare(config)
-    data = load_prepared(config.prepared_dir)
-    result = train_gru4rec(data.train, data.n_items, config.model, config.train)
-    items = data.items.sort(ITEM_IDX)
-    path = workdir / "model" / "model.pt"
-    result.model.save(
-        path, {"item_ids": items[ITEM].to_list(), "support": items[SUPPORT].to_list()}
-    )
-    return data, path
-
-
-def real_sessions(data: PreparedDataset, n: int) -> list[list[int]]:
-    """The first n test sessions with at least two clicks, as original item ids."""
-    grouped = data.test.group_by(SESSION, maintain_order=True).agg(pl.col(ITEM))
-    return [s for s in grouped[ITEM].to_list() if len(s) >= 2][:n]
+from tests.helpers import assert_same, real_sessions
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,27 +50,13 @@ def sessions(trained: tuple[PreparedDataset, Path]) -> list[list[int]]:
 LIVE_ATOL = 1e-5
 
 
-def assert_same(a: Recommendation, b: Recommendation, atol: float = 0.0) -> None:
-    """Same ranking and scores; with ``atol`` items whose scores are that close may swap."""
-    assert (a.unknown, a.fallback) == (b.unknown, b.fallback)
-    if atol == 0.0:
-        assert a.items == b.items
-        assert a.scores == b.scores
-        return
-    np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=atol)
-    cut = a.scores[-1] + atol  # above the last score plus the tolerance, order is certain
-    assert [i for i, s in zip(a.items, a.scores, strict=True) if s > cut] == [
-        i for i, s in zip(b.items, b.scores, strict=True) if s > cut
-    ]
-
-
 # --- the library ranks exactly as the evaluation harness ----------------------------------------
 
 
 def test_recommend_equals_the_evaluation_ranking(
     rec: SessionRecommender, trained: tuple[PreparedDataset, Path], sessions: list[list[int]]
 ) -> None:
-    harness = GRU4RecRecommender(rec.n_items, model=rec.model)
+    harness = GRU4RecScorer(rec.model)
     index = {item: i for i, item in enumerate(rec.item_ids)}
     prefixes = [s[: t + 1] for s in sessions for t in range(len(s) - 1)]
     assert len(prefixes) > 40
@@ -211,15 +155,13 @@ def test_the_cheap_pass_bounds_every_exact_score(
 ) -> None:
     index = {item: i for i, item in enumerate(fast.item_ids)}
     prefixes = [np.array([index[i] for i in s[: t + 1]]) for s in sessions for t in range(len(s))]
-    padded, lengths = pad_sessions(prefixes)
-    outs = fast.model.encode_sessions(padded, lengths)
-    last = outs[torch.arange(len(prefixes)), lengths - 1]
+    last = fast.model.last_outputs(prefixes)
     assert fast.ranker.uses_gemv(rows) == (rows == 1)
     tightest = float("inf")
     for start in range(0, len(prefixes), rows):
         output = last[start : start + rows]
         with torch.inference_mode():
-            exact = fast.model.score_all(output)
+            exact = torch.addmm(fast.model.item_bias, output, fast.model.item_out.t())
         upper = fast.ranker.upper_bounds(output)
         assert bool((upper >= exact).all())
         tightest = min(tightest, float((upper - exact).min()))
@@ -251,12 +193,12 @@ def test_fast_top_k_falls_back_when_it_cannot_certify(
     trained: tuple[PreparedDataset, Path], sessions: list[list[int]]
 ) -> None:
     """Items with one shared vector tie everywhere: nothing can be certified, fp32 answers."""
-    model, payload = GRU4Rec.load(trained[1])
+    loaded = TrainedModel.load(trained[1])
     with torch.no_grad():
-        model.item_out[:] = model.item_out[0]
-        model.item_bias.zero_()
-    fast = SessionRecommender(model, payload["item_ids"], payload["support"], fast_top_k=True)
-    plain = SessionRecommender(model, payload["item_ids"], payload["support"], fast_top_k=False)
+        loaded.network.item_out[:] = loaded.network.item_out[0]
+        loaded.network.item_bias.zero_()
+    fast = SessionRecommender(loaded, fast_top_k=True)
+    plain = SessionRecommender(loaded, fast_top_k=False)
     assert_same(fast.recommend(sessions[0], k=10), plain.recommend(sessions[0], k=10))
     assert fast.fast_stats == {"certified": 0, "fallback": 1}
 

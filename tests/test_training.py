@@ -13,39 +13,15 @@ import polars as pl
 import pytest
 import torch
 
-from recsys.config import ModelConfig, TrainConfig, config_from_dict
+from pipelines.prepare import prepare
+from recsys.config import ModelConfig, config_from_dict
 from recsys.core.errors import RecsysError
-from recsys.data.preparation import load_prepared, prepare
-from recsys.evaluation.gru4rec import GRU4RecRecommender
+from recsys.data.preparation import load_prepared
+from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import evaluate
 from recsys.training.trainer import CHECKPOINT, Trainer, train_gru4rec
 from tests.conftest import run_cli, shared_path, tiny_config
-
-
-def deterministic_log(n_items: int = 30, n_sessions: int = 600, seed: int = 0) -> pl.DataFrame:
-    """Every item has exactly one successor: (i * 7 + 3) mod n. A model must learn it."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for s in range(n_sessions):
-        item = int(rng.integers(n_items))
-        for t in range(int(rng.integers(2, 8))):
-            rows.append((s, item, s * 100 + t))
-            item = (item * 7 + 3) % n_items
-    frame = pl.DataFrame(rows, schema=["session_id", "item_idx", "t"], orient="row")
-    return frame.with_columns(
-        pl.from_epoch("t", "s").dt.replace_time_zone("UTC").alias("timestamp")
-    )
-
-
-def small_train_config(**kw: object) -> TrainConfig:
-    base = {
-        "batch_size": 16,
-        "epochs": 1,
-        "n_sample": 16,
-        "sample_store_size": 1600,
-        "learning_rate": 0.1,
-    }
-    return TrainConfig.model_validate(base | kw)
+from tests.helpers import deterministic_log, small_train_config
 
 
 @pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max", "top1-max"])
@@ -57,7 +33,7 @@ def test_learns_deterministic_transitions(loss: str) -> None:
         epochs=8, loss=loss, logq=1.0 if loss == "cross-entropy" else 0.0, elu_param=0.5
     )
     result = train_gru4rec(train, 30, ModelConfig(layers=[32]), cfg)
-    rec = GRU4RecRecommender(30, model=result.model)
+    rec = GRU4RecScorer(result.model)
     metrics = evaluate(rec, test, cutoffs=[1], show_progress=False).metrics
     assert metrics["recall@1"] > 0.9, metrics
 
@@ -72,7 +48,7 @@ def test_bf16_products_learn_deterministic_transitions(embedding: str) -> None:
     cfg = small_train_config(epochs=8, loss="bpr-max", elu_param=0.5, matmul="bf16")
     model_cfg = ModelConfig(layers=[32], embedding=embedding, dropout_embed=0.1)
     result = train_gru4rec(train, 30, model_cfg, cfg)
-    rec = GRU4RecRecommender(30, model=result.model)
+    rec = GRU4RecScorer(result.model)
     metrics = evaluate(rec, test, cutoffs=[1], show_progress=False).metrics
     assert metrics["recall@1"] > 0.9, metrics
 
@@ -134,12 +110,39 @@ def test_any_batch_size_against_few_sessions(batch_size: int) -> None:
     assert result.history[0]["events"] == log.height - 3
 
 
+def _slots_by_hand(lengths: list[int], batch_size: int) -> tuple[int, int]:
+    """(events, steps) of session-parallel batching until fewer than two slots are left.
+
+    Each slot trains one event (input, target) of its session per step; a finished session's
+    slot takes the next waiting session, or closes when none waits.
+    """
+    waiting = [n - 1 for n in lengths]  # events left in each session, in start order
+    slots, waiting = waiting[:batch_size], waiting[batch_size:]
+    events = steps = 0
+    while len(slots) >= 2:
+        events += len(slots)
+        steps += 1
+        left = []
+        for n in slots:
+            if n > 1:
+                left.append(n - 1)
+            elif waiting:
+                left.append(waiting.pop(0))
+        slots = left
+    return events, steps
+
+
 def test_no_extra_samples_and_a_single_session_still_trains() -> None:
+    """With ``n_sample: 0`` a target's only negatives are the other sessions' targets: training
+    runs every step that has two sessions or more, and stops cleanly once one is left alone."""
     log = deterministic_log(n_sessions=5)
+    lengths = log.group_by("session_id", maintain_order=True).len()["len"].to_list()
+    events, steps = _slots_by_hand(lengths, batch_size=4)
+    assert 0 < events < log.height - len(lengths)  # the lone session's tail is really left out
     result = train_gru4rec(
         log, 30, ModelConfig(layers=[8]), small_train_config(n_sample=0, batch_size=4)
     )
-    assert result.history[0]["events"] > 0
+    assert (result.history[0]["events"], result.history[0]["steps"]) == (events, steps)
 
 
 def test_diverging_loss_stops_with_a_clear_message() -> None:
@@ -218,9 +221,9 @@ def test_validation_between_epochs_never_ranks_with_stale_weights() -> None:
     seen: list[tuple[float, float]] = []
 
     def validate(model: Any) -> float:
-        live = GRU4RecRecommender(300, model=model)
+        live = GRU4RecScorer(model)
         live.fast_ranking = True  # cached on the training model across epochs
-        fresh = GRU4RecRecommender(300, model=copy.deepcopy(model))
+        fresh = GRU4RecScorer(copy.deepcopy(model))
         fresh.fast_ranking = False  # full fp32 scoring of this epoch's weights
         got = evaluate(live, valid, show_progress=False).metrics["mrr@20"]
         seen.append((got, evaluate(fresh, valid, show_progress=False).metrics["mrr@20"]))

@@ -6,3 +6,10 @@ class RecsysError(Exception):
 
     The CLI prints ``str(error)`` and exits non-zero; everything else is a bug.
     """
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The gist of a library's exception for a one-line ``RecsysError``: its first line, cut at
+    ``limit`` characters (polars and MLflow put whole query plans and stack dumps below it)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__

@@ -21,8 +21,8 @@ from typing import Annotated
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from recsys.config.synthetic import SyntheticConfig
 from recsys.data.schema import ITEM, SESSION, TIME, TIME_DTYPE
 
 # Raw item ids are drawn from this range: 6-7 digit numbers, deliberately not 0..n-1.
@@ -31,47 +31,6 @@ _ITEM_ID_HIGH = 10_000_000
 # Hour of day (UTC) when traffic peaks; the trough is 12 hours away.
 _PEAK_HOUR = 20.0
 _MS_PER_DAY = 86_400_000
-
-
-class SyntheticConfig(BaseModel):
-    """Knobs of the synthetic click log; the defaults give about 200k clicks in 28 days."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    seed: Annotated[int, Field(ge=0)] = 0  # RNG seed: same seed, identical log
-    n_items: Annotated[int, Field(ge=2, le=1_000_000)] = 10_000  # catalogue size (random raw ids)
-    n_sessions: Annotated[int, Field(ge=1)] = 40_000  # sessions to generate (~5 clicks each)
-    n_intents: Annotated[int, Field(ge=1)] = 50  # latent intents; each item belongs to one
-    intent_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.05  # per click: new intent
-    days: Annotated[float, Field(gt=0)] = 28.0  # session start times spread over this many days
-    start: datetime = datetime(2024, 3, 4, tzinfo=UTC)  # first possible session start (naive = UTC)
-    daily_cycle: Annotated[float, Field(ge=0, le=1)] = 0.6  # amplitude of the daily traffic wave
-    popularity_exponent: Annotated[float, Field(ge=0)] = 0.8  # Zipf exponent of item popularity
-    session_length_median: Annotated[float, Field(gt=0)] = 2.8  # lognormal median; length = ceil
-    session_length_sigma: Annotated[float, Field(ge=0)] = 1.0  # lognormal sigma: tail heaviness
-    max_session_length: Annotated[int, Field(ge=1, le=10_000)] = 200  # hard cap on clicks/session
-    transition_prob: Annotated[float, Field(ge=0, le=1)] = 0.55  # non-repeat: last item's successor
-    intent_jump_prob: Annotated[float, Field(ge=0, le=1)] = 0.3  # non-repeat: item of the intent
-    # (the rest, 1 - transition_prob - intent_jump_prob: a globally popular item, any intent)
-    n_successors: Annotated[int, Field(ge=1, le=100)] = 5  # preferred successors per item
-    successor_decay: Annotated[float, Field(gt=0, le=1)] = 0.6  # weight ratio of successor k+1 to k
-    successor_popularity_exponent: Annotated[float, Field(ge=0)] = 0.5  # successors ~ pop**this
-    repeat_prob: Annotated[float, Field(ge=0, lt=1)] = 0.06  # per click: repeat the previous item
-    gap_median_seconds: Annotated[float, Field(gt=0)] = 40.0  # median think-time between clicks
-    gap_sigma: Annotated[float, Field(ge=0)] = 1.2  # lognormal sigma of think-times
-
-    @field_validator("start")
-    @classmethod
-    def _utc(cls, v: datetime) -> datetime:
-        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
-
-    @model_validator(mode="after")
-    def _check(self) -> SyntheticConfig:
-        if self.transition_prob + self.intent_jump_prob > 1 + 1e-12:
-            raise ValueError("transition_prob + intent_jump_prob must be at most 1")
-        if self.n_intents > self.n_items:
-            raise ValueError("n_intents must not exceed n_items (every intent needs an item)")
-        return self
 
 
 @dataclass(frozen=True)

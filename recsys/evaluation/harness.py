@@ -9,52 +9,21 @@ catalogue with tensor ops, never a Python loop over items.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 
+from recsys.core.metrics import METRICS, metric_name
 from recsys.core.progress import Progress
 from recsys.data.batching import session_arrays
 from recsys.data.schema import ITEM_IDX, SESSION
-from recsys.evaluation.scorer import Recommender, next_item_targets
-
-TieMode = Literal["conservative", "standard", "median"]
-METRICS = ("recall", "mrr", "ndcg")
-
-
-def metric_name(metric: str, k: int) -> str:
-    """The one spelling of a metric key: ``recall@20``, ``mrr@20``, ``ndcg@20``, ``coverage@20``."""
-    return f"{metric}@{k}"
-
-
-def rank_from_counts(
-    ties: TieMode | str, above: torch.Tensor | None, at_least: torch.Tensor | None
-) -> torch.Tensor:
-    """The tie rule, defined once: conservative = #(score >= target's) (the target included),
-    standard = #(score > target's) + 1, median = their mean. Only the counts a mode needs are
-    required; ranks are 1-based floats (the median mode can be .5)."""
-    if ties == "standard":
-        assert above is not None
-        return above.to(torch.float64) + 1
-    assert at_least is not None
-    if ties == "conservative":
-        return at_least.to(torch.float64)
-    assert above is not None
-    return (at_least.to(torch.float64) + above.to(torch.float64) + 1) / 2
-
-
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor, ties: TieMode | str) -> torch.Tensor:
-    """1-based rank of each row's target among all items, by the tie rule of ``ties``."""
-    target_scores = scores.gather(1, targets.view(-1, 1))  # (N, 1)
-    above = (scores > target_scores).sum(1) if ties != "conservative" else None
-    at_least = (scores >= target_scores).sum(1) if ties != "standard" else None
-    return rank_from_counts(ties, above, at_least)
+from recsys.evaluation.scorer import SessionScorer
+from recsys.ranking import TieMode
 
 
 @dataclass
@@ -146,18 +115,8 @@ def _batches(sessions: list[np.ndarray], max_rows: int) -> Iterator[list[np.ndar
         yield batch
 
 
-def _exclude_seen(scores: torch.Tensor, batch: list[np.ndarray]) -> torch.Tensor:
-    """Mask items already clicked in each prefix (only when the config asks for it)."""
-    row = 0
-    for s in batch:
-        for t in range(len(s) - 1):
-            scores[row, torch.from_numpy(s[: t + 1])] = float("-inf")
-            row += 1
-    return scores
-
-
 def evaluate(
-    model: Recommender,
+    model: SessionScorer,
     events: pl.DataFrame,
     cutoffs: Sequence[int] = (1, 5, 10, 20),
     ties: TieMode = "conservative",
@@ -177,12 +136,7 @@ def evaluate(
     max_k = min(max(coverage_k, *cutoffs), model.n_items)
     with torch.inference_mode():
         for batch in _batches(sessions, batch_size):
-            if exclude_seen:
-                scores = _exclude_seen(model.score_sessions(batch).clone(), batch)
-                ranks = target_ranks(scores, next_item_targets(batch, scores.device), ties).cpu()
-                top = torch.topk(scores, max_k, dim=1).indices
-            else:
-                ranks, top = model.rank_sessions(batch, ties, max_k)
+            ranks, top = model.rank_sessions(batch, ties, max_k, exclude_seen)
             acc.add(ranks, top)
             if bar is not None:
                 bar.update(len(ranks))
@@ -197,33 +151,3 @@ def evaluate(
         unknown_events=unknown,
         seconds=time.perf_counter() - start,
     )
-
-
-def naive_evaluate(
-    model: Recommender,
-    events: pl.DataFrame,
-    cutoffs: Sequence[int] = (1, 5, 10, 20),
-    ties: TieMode = "conservative",
-) -> dict[str, float]:
-    """One prefix at a time, one rank at a time: the slow reference the batched path must match."""
-    sessions, _, _ = test_sessions(events)
-    ranks: list[float] = []
-    for s in sessions:
-        for t in range(len(s) - 1):
-            scores = model.score_next([s[: t + 1]])[0]
-            target = float(scores[int(s[t + 1])])
-            greater = sum(1 for v in scores.tolist() if v > target)
-            equal = sum(1 for v in scores.tolist() if v == target)
-            if ties == "standard":
-                ranks.append(greater + 1)
-            elif ties == "conservative":
-                ranks.append(greater + equal)
-            else:
-                ranks.append(greater + (equal + 1) / 2)
-    out: dict[str, float] = {}
-    n = len(ranks)
-    for k in cutoffs:
-        out[metric_name("recall", k)] = sum(r <= k for r in ranks) / n
-        out[metric_name("mrr", k)] = sum(1 / r for r in ranks if r <= k) / n
-        out[metric_name("ndcg", k)] = sum(1 / math.log2(r + 1) for r in ranks if r <= k) / n
-    return out

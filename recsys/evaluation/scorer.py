@@ -1,7 +1,8 @@
-"""The small interface every next-item model shares: fit on train, score session prefixes.
+"""The interface evaluation calls: score session prefixes, rank next items.
 
-GRU4Rec and every baseline implement it, so one evaluation harness and one serving path work
-for all of them.
+GRU4Rec and every baseline implement it, so one harness measures all of them (the baselines
+also learn from train through it; GRU4Rec is trained by ``recsys.training``). It is not the
+product's ``SessionRecommender`` (recsys.serving), which maps original item ids and serves.
 """
 
 from __future__ import annotations
@@ -10,32 +11,21 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
-import polars as pl
 import torch
 
-
-def next_item_targets(
-    sessions: Sequence[np.ndarray], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """The target of every prediction, session-major: each session's clicks after the first."""
-    return torch.from_numpy(np.concatenate([s[1:] for s in sessions])).to(device)
+from recsys.ranking import next_item_targets, prefix_items, rank_scores
 
 
-class Recommender(ABC):
+class SessionScorer(ABC):
     """Scores every catalogue item as the next click of a session.
 
     Items are internal indices ``0 .. n_items-1`` (the prepared dataset's ``item_idx``).
     """
 
-    name: str = "recommender"
+    name: str = "scorer"
 
     def __init__(self, n_items: int) -> None:
         self.n_items = n_items
-
-    @abstractmethod
-    def fit(self, train: pl.DataFrame) -> Recommender:
-        """Learn from train events: columns session_id, item_idx, timestamp, sorted by
-        (session start time, session, time). Must not be called with test data."""
 
     @abstractmethod
     def score_next(self, prefixes: Sequence[np.ndarray]) -> torch.Tensor:
@@ -53,16 +43,19 @@ class Recommender(ABC):
         return self.score_next(prefixes)
 
     def rank_sessions(
-        self, sessions: Sequence[np.ndarray], ties: str, top_k: int
+        self, sessions: Sequence[np.ndarray], ties: str, top_k: int, exclude_seen: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank of each next-item target and the top ``top_k`` items, for every prediction.
 
-        Ranks up to ``top_k`` must be exact; a larger rank may be reported as any value above
-        ``top_k`` (metrics only look within the cut-offs). The default scores the whole catalogue.
+        Ranks up to ``top_k`` are exact, larger ones are ``top_k + 1`` (metrics only look within
+        the cut-offs). ``exclude_seen`` leaves each prefix's own items out of the ranking. The
+        default scores the whole catalogue; models with a faster exact ranking override it.
         """
-        from recsys.evaluation.harness import target_ranks
-
         scores = self.score_sessions(sessions)  # (N, n_items)
-        ranks = target_ranks(scores, next_item_targets(sessions, scores.device), ties)
-        top = torch.topk(scores, min(top_k, self.n_items), dim=1).indices
-        return ranks.cpu(), top.cpu()
+        exclude = prefix_items(sessions) if exclude_seen else None
+        if exclude:
+            scores = scores.clone()  # the mask is written in place
+        targets = next_item_targets(sessions, scores.device)
+        result = rank_scores(scores, top_k, exclude, targets, ties)
+        assert result.ranks is not None
+        return result.ranks.cpu(), result.items.cpu()

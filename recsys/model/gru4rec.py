@@ -1,6 +1,6 @@
 """GRU4Rec: the network (Hidasi et al. ICLR 2016; Hidasi & Karatzoglou CIKM 2018).
 
-One file holds the network, its three item-input modes and its file format:
+One file holds the network and its three item-input modes (the file format: recsys.model.artifact):
 - ``shared``: the input vector of an item is its output vector (one matrix, tied);
 - ``separate``: an input embedding of its own;
 - ``none``: one-hot input, i.e. the first GRU layer's input weights are a per-item row lookup.
@@ -11,21 +11,18 @@ row by the trainer (only the rows used in a step change); the GRU weights are de
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recsys.config import ModelConfig
-from recsys.core.atomic import atomic_path
 from recsys.core.errors import RecsysError
 from recsys.model.matmul import linear
-
-FILE_FORMAT = "recsys-gru4rec"
-FILE_VERSION = 1
 
 
 def _uniform(
@@ -130,7 +127,7 @@ class GRU4Rec(nn.Module):
                 p = cfg.dropout_embed
             elif bf16 or kernels is not None:
                 gi = linear(x, self.w_ih[k], self.b_ih[k], bf16)
-                h_new = _cell(gi, h, self.w_hh[k], self.b_hh[k], bf16, kernels)
+                h_new = gru_cell_from_gates(gi, h, self.w_hh[k], self.b_hh[k], bf16, kernels)
                 p = cfg.dropout_hidden
             else:
                 h_new = torch.gru_cell(x, h, self.w_ih[k], self.w_hh[k], self.b_ih[k], self.b_hh[k])
@@ -150,7 +147,7 @@ class GRU4Rec(nn.Module):
         kernels: ModuleType | None = None,
     ) -> torch.Tensor:
         """GRU cell whose input projection was looked up per item: gi (B, 3H)."""
-        return _cell(gi + self.b_ih[k], h, self.w_hh[k], self.b_hh[k], bf16, kernels)
+        return gru_cell_from_gates(gi + self.b_ih[k], h, self.w_hh[k], self.b_hh[k], bf16, kernels)
 
     # --- inference --------------------------------------------------------------------------
 
@@ -168,7 +165,7 @@ class GRU4Rec(nn.Module):
         self, gates: torch.Tensor, hidden: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One click at inference from layer 0's input gates (B, 3H): output (B, H_last), hidden."""
-        h = _cell(gates, hidden[0], self.w_hh[0], self.b_hh[0])
+        h = gru_cell_from_gates(gates, hidden[0], self.w_hh[0], self.b_hh[0])
         new_hidden = [h]
         for k in range(1, len(hidden)):
             h = torch.gru_cell(h, hidden[k], self.w_ih[k], self.w_hh[k], self.b_ih[k], self.b_hh[k])
@@ -216,43 +213,28 @@ class GRU4Rec(nn.Module):
         mask = torch.arange(t_max, device=padded.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)
         return buf[mask]
 
-    def score_all(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, H_last) -> (B, n_items) scores over the whole catalogue."""
-        return torch.addmm(self.item_bias, out, self.item_out.t())
+    @torch.inference_mode()
+    def last_outputs(self, prefixes: Sequence[np.ndarray]) -> torch.Tensor:
+        """Output after the last click of each prefix (non-empty index arrays): (B, H_last)."""
+        padded, lengths = pad_sessions(prefixes)
+        device = self.item_out.device
+        outs = self.encode_sessions(padded.to(device), lengths.to(device))  # (B, T, H)
+        return outs[torch.arange(len(prefixes), device=device), (lengths - 1).to(device)]
 
-    # --- file format ------------------------------------------------------------------------
+    def session_outputs(self, sessions: Sequence[np.ndarray]) -> torch.Tensor:
+        """Outputs after every proper prefix of every session, session-major: (N, H_last)."""
+        padded, lengths = pad_sessions(sessions)
+        device = self.item_out.device
+        return self.prediction_outputs(padded.to(device), lengths.to(device))
 
-    def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
-        """Tensors + plain config + item index only, so it loads with ``weights_only=True``."""
-        payload = {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "n_items": self.n_items,
-            "model_config": self.config.model_dump(mode="json"),
-            "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-            **(extra or {}),
-        }
-        with atomic_path(Path(path)) as tmp:
-            torch.save(payload, tmp)
 
-    @classmethod
-    def load(
-        cls, path: Path, map_location: str | torch.device = "cpu"
-    ) -> tuple[GRU4Rec, dict[str, Any]]:
-        """Load a saved model; returns (model, the whole payload for the caller's extras)."""
-        path = Path(path)
-        if not path.is_file():
-            raise RecsysError(f"{path}: model file not found")
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
-            raise RecsysError(f"{path}: not a loadable recsys model file ({exc})") from None
-        if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-            raise RecsysError(f"{path}: not a recsys GRU4Rec model file")
-        model = cls(int(payload["n_items"]), ModelConfig.model_validate(payload["model_config"]))
-        model.load_state_dict(payload["state"])
-        model.eval()
-        return model, payload
+def pad_sessions(sessions: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T_max) int64 item indices padded with 0, and the lengths (B,)."""
+    lengths = torch.tensor([len(s) for s in sessions], dtype=torch.int64)
+    padded = torch.zeros(len(sessions), int(lengths.max()), dtype=torch.int64)
+    for i, s in enumerate(sessions):
+        padded[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+    return padded, lengths
 
 
 def inverted_dropout(x: torch.Tensor, p: float, kernels: ModuleType | None = None) -> torch.Tensor:
@@ -266,7 +248,7 @@ def inverted_dropout(x: torch.Tensor, p: float, kernels: ModuleType | None = Non
     return x * keep
 
 
-def _cell(
+def gru_cell_from_gates(
     gi: torch.Tensor,
     h: torch.Tensor,
     w_hh: torch.Tensor,
@@ -286,7 +268,7 @@ def _cell(
 
 
 class _FusedGruCell(torch.autograd.Function):
-    """``_cell``'s element-wise part from its gates by the native kernels, forward and backward:
+    """``gru_cell_from_gates``'s element-wise part from its gates by the native kernels, forward and backward:
     one pass each instead of ~10 ops and their autograd nodes (slices of (B, 3H) gates, whose
     gradients autograd spreads into zeroed buffers)."""
 

@@ -19,10 +19,9 @@ from typing import Any
 import polars as pl
 
 from recsys.core.atomic import atomic_path
-from recsys.core.errors import RecsysError
+from recsys.core.errors import RecsysError, first_line
 from recsys.core.progress import Progress
 from recsys.data.schema import ITEM, SESSION
-from recsys.serving.mlflow_store import first_line
 from recsys.serving.recommender import SessionRecommender
 
 ITEMS = "items"

@@ -1,26 +1,43 @@
-"""Where MLflow lives for this project: the tracking URI convention and a checked connection.
+"""MLflow for this project, defined once: the store, the quiet environment, the logged model.
 
-Default store: ``sqlite:///<cwd>/mlops/mlflow.db`` (artifacts in ``mlops/artifacts``);
-``MLFLOW_TRACKING_URI`` switches to any tracking server unchanged.
+Default store: ``mlops/mlflow.db`` in the working directory, which is the project folder when
+run through ``make`` (artifacts in ``mlops/artifacts``); ``MLFLOW_TRACKING_URI`` switches to any
+tracking server unchanged. Every command calls ``quiet_environment`` before MLflow is imported,
+and the servers it starts inherit it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from recsys.core.errors import RecsysError
+from recsys.core.errors import RecsysError, first_line
 
 DEFAULT_STORE_DIR = Path("mlops")
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # recsys/: shipped as the model's code
 QUIET_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # no calls to a closed network
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-    "GIT_PYTHON_REFRESH": "quiet",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # `mlflow ui` needs no job runner
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # an unreachable server fails at once
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated",  # said by `mlflow ui`
 }
+CHAMPION, CHALLENGER = "champion", "challenger"  # the registry aliases recsys sets
+SESSION_COLUMN = "items"  # the logged model's input: a frame of item-id lists in this column
+DEFAULT_K = 20  # its top-k when a request names none
+PIP_REQUIREMENTS = [
+    "torch==2.13.0",
+    "mlflow>=3.17,<3.18",
+    "polars>=2.1,<3",
+    "numpy>=1.26",
+    "pydantic>=2,<3",
+    "pyyaml>=6",
+]
 
 
 def quiet_environment() -> None:
@@ -30,7 +47,7 @@ def quiet_environment() -> None:
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the project's local SQLite store."""
+    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store under ``mlops/`` here (created)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
@@ -46,11 +63,6 @@ def artifact_root() -> str | None:
         db = Path(uri.removeprefix("sqlite:///"))
         return (db.parent / "artifacts").resolve().as_uri()
     return None
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def connect() -> Any:
@@ -70,3 +82,43 @@ def connect() -> Any:
             f"MLflow tracking store {uri} is unreachable: {first_line(exc)}"
         ) from None
     return client
+
+
+def signature(numeric_ids: bool) -> Any:
+    """The request schema ``mlflow models serve`` checks: item-id lists, then ``k`` and
+    ``exclude_seen``; ids are integers or strings as the catalogue's are."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array("long" if numeric_ids else "string"), SESSION_COLUMN)]),
+        params=ParamSchema(
+            [ParamSpec("k", "long", DEFAULT_K), ParamSpec("exclude_seen", "boolean", False)]
+        ),
+    )
+
+
+def log_pyfunc(model_file: Path, example_sessions: Sequence[list[Any]]) -> Any:
+    """Log a trained model file as the pyfunc that ``mlflow models serve`` runs, in the active
+    run: the models-from-code entry point, this package as its code, the request signature and
+    pinned requirements. Returns MLflow's ``ModelInfo`` (``model_uri`` names the logged model).
+    The request signature takes the id kind of the artifact's item index."""
+    import mlflow
+    import pandas as pd
+
+    from recsys.model.artifact import TrainedModel
+
+    numeric_ids = TrainedModel.load(model_file).items.numeric
+
+    example = pd.DataFrame({SESSION_COLUMN: list(example_sessions)})
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PACKAGE_DIR / "serving" / "pyfunc_entry.py"),
+        artifacts={"model": str(model_file)},
+        code_paths=[str(PACKAGE_DIR)],
+        signature=signature(numeric_ids),
+        input_example=(example, {"k": DEFAULT_K}),
+        pip_requirements=PIP_REQUIREMENTS,
+        model_config={"k": DEFAULT_K},
+    )

@@ -18,9 +18,8 @@ import pandas as pd
 from mlflow.pyfunc.model import PythonModel
 
 from recsys.core.errors import RecsysError
+from recsys.serving.mlflow_store import DEFAULT_K, SESSION_COLUMN
 
-SESSION_COLUMN = "items"
-DEFAULT_K = 20
 DEFAULT_THREADS = 1  # see recsys.serving.recommender.set_threads
 
 

@@ -7,8 +7,8 @@
   costs one GRU step and one top-k instead of re-reading the session.
 - The MLflow pyfunc wrapper that ``mlflow models serve`` runs lives in ``recsys.serving.pyfunc``.
 
-Scores are exactly what the evaluation harness computes for the same prefix (same network code,
-same batch shape for one session), so an offline metric describes what is served.
+Scores and rankings are exactly what the evaluation harness computes for the same prefix (same
+network code, the same ``recsys.ranking`` ranker), so an offline metric describes what is served.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys.core.errors import RecsysError
-from recsys.evaluation.gru4rec import pad_sessions
+from recsys.config import MODEL_FILE
+from recsys.core.errors import RecsysError, first_line
+from recsys.model.artifact import TrainedModel, find_model_file, plain_id
 from recsys.model.gru4rec import GRU4Rec
-from recsys.ranking import FAST_MIN_ITEMS, CatalogueRanker
+from recsys.ranking import FAST_MIN_ITEMS, ranker_for
 
-MODEL_FILE = "model.pt"
 POPULAR = "popular"
 
 # Stands in for an id that can never be in a catalogue (a JSON ``true``, say): a bool would
@@ -57,14 +57,9 @@ class Recommendation:
         }
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars -> Python scalars, so ids in a response serialise to JSON."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _normalise_id(value: Any, numeric: bool) -> Any:
     """Ids arrive as JSON numbers, strings or numpy scalars; map them to the index's type."""
-    value = _plain(value)
+    value = plain_id(value)
     if isinstance(value, bool):
         return _NO_ITEM
     if numeric:
@@ -94,26 +89,13 @@ def set_threads(threads: int | None) -> None:
 class SessionRecommender:
     """A trained GRU4Rec with its item index: original ids in, ranked original ids out."""
 
-    def __init__(
-        self,
-        model: GRU4Rec,
-        item_ids: Sequence[Any],
-        support: Sequence[float] | None = None,
-        fast_top_k: bool | None = None,
-    ) -> None:
-        if len(item_ids) != model.n_items:
-            raise RecsysError(
-                f"the item index has {len(item_ids)} ids but the model scores {model.n_items} items"
-            )
-        self.model = model.eval()
-        self.item_ids = [_plain(i) for i in item_ids]
-        self.numeric_ids = all(
-            isinstance(i, int) and not isinstance(i, bool) for i in self.item_ids
-        )
+    def __init__(self, trained: TrainedModel, fast_top_k: bool | None = None) -> None:
+        self.trained = trained
+        self.model: GRU4Rec = trained.network.eval()
+        self.item_ids = list(trained.items.ids)
+        self.numeric_ids = trained.items.numeric
         self.index = {item: idx for idx, item in enumerate(self.item_ids)}
-        if support is None:
-            support = [1.0] * model.n_items
-        self.support = torch.as_tensor(np.asarray(support, dtype=np.float32))
+        self.support = torch.as_tensor(np.asarray(trained.items.support, dtype=np.float32))
         self.n_items = len(self.item_ids)
         # Popularity is the same for every fallback: rank the catalogue once.
         self._pop_scores, self._pop_order = torch.sort(self.support, descending=True, stable=True)
@@ -121,7 +103,7 @@ class SessionRecommender:
         # None = on for catalogues of FAST_MIN_ITEMS items or more (below, fp32 is as fast).
         self.fast_top_k = self.n_items >= FAST_MIN_ITEMS if fast_top_k is None else fast_top_k
         self.fast_stats = {"certified": 0, "fallback": 0}
-        self.ranker = CatalogueRanker(model.item_out, model.item_bias)
+        self.ranker = ranker_for(self.model.item_out, self.model.item_bias, self.model)
         if self.fast_top_k and self.n_items:
             self.ranker.prepare(gemv=True)  # one session's pass: built now, not on a request
 
@@ -140,22 +122,8 @@ class SessionRecommender:
         text = str(uri)
         if text.startswith(("models:/", "runs:/")):
             with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
-                return cls._from_file(_download_model(text, Path(tmp)), fast_top_k)
-        path = Path(text)
-        if path.is_dir():
-            candidates = [path / MODEL_FILE, *sorted(path.glob(f"artifacts/**/{MODEL_FILE}"))]
-            found = [p for p in candidates if p.is_file()]
-            if not found:
-                raise RecsysError(f"{path}: no {MODEL_FILE} in this directory")
-            path = found[0]
-        return cls._from_file(path, fast_top_k)
-
-    @classmethod
-    def _from_file(cls, path: Path, fast_top_k: bool | None = None) -> SessionRecommender:
-        model, payload = GRU4Rec.load(path)
-        if "item_ids" not in payload:
-            raise RecsysError(f"{path}: the model file has no item index")
-        return cls(model, payload["item_ids"], payload.get("support"), fast_top_k)
+                return cls(TrainedModel.load(_download_model(text, Path(tmp))), fast_top_k)
+        return cls(TrainedModel.load(find_model_file(Path(text))), fast_top_k)
 
     # --- the id mapping ---------------------------------------------------------------------
 
@@ -166,7 +134,7 @@ class SessionRecommender:
         for raw in items:
             idx = self.index.get(_normalise_id(raw, self.numeric_ids))
             if idx is None:
-                unknown.append(_plain(raw))
+                unknown.append(plain_id(raw))
             else:
                 known.append(idx)
         return known, unknown
@@ -217,9 +185,7 @@ class SessionRecommender:
         if known_rows:
             with torch.inference_mode():
                 prefixes = [np.asarray(mapped[i][0], dtype=np.int64) for i in known_rows]
-                padded, lengths = pad_sessions(prefixes)
-                outs = self.model.encode_sessions(padded, lengths)  # (B, T, H)
-                last = outs[torch.arange(len(prefixes)), lengths - 1]  # (B, H)
+                last = self.model.last_outputs(prefixes)  # (B, H)
             seen = [mapped[i][0] for i in known_rows] if exclude_seen else None
             ranked = dict(zip(known_rows, self.ranked(last, k, seen), strict=True))
         out: list[Recommendation] = []
@@ -345,7 +311,7 @@ class LiveSessions:
 
 def _download_model(uri: str, dest: Path) -> Path:
     """Fetch a registered model's weights from MLflow (the pyfunc's ``model`` artifact)."""
-    from recsys.serving.mlflow_store import connect, first_line
+    from recsys.serving.mlflow_store import connect
 
     connect()
     import mlflow
@@ -354,7 +320,7 @@ def _download_model(uri: str, dest: Path) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except Exception as exc:  # noqa: BLE001 - unknown name/alias, unreachable store
         raise RecsysError(f"could not load {uri} from MLflow: {first_line(exc)}") from None
-    found = sorted(local.glob(f"**/{MODEL_FILE}"))
-    if not found:
-        raise RecsysError(f"{uri}: the MLflow model has no {MODEL_FILE} artifact")
-    return found[0]
+    try:
+        return find_model_file(local)
+    except RecsysError:
+        raise RecsysError(f"{uri}: the MLflow model has no {MODEL_FILE} artifact") from None

@@ -1,89 +1,66 @@
 """``make bench``: every benchmark in its own subprocess, so each peak RSS is its own.
 
-A benchmark is a function ``(quick: bool) -> list[dict]`` in one of the ``pipelines.bench_*``
-modules, registered in ``BENCHMARKS``; those in ``ON_DEVICE`` also take the torch device
-(``--device cuda`` measures them on a GPU). Each row it returns is printed as one line (name,
-events/s, latency percentiles, peak RSS) and all rows are written to ``bench-results.json``.
+A benchmark is a function ``(quick: bool) -> list[dict]`` named in ``BENCHMARKS``; those in
+``ON_DEVICE`` also take the torch device (``--device cuda`` measures them on a GPU). Each row it
+returns is printed as one line (name, events/s, latency percentiles, peak RSS) and all rows are
+written to ``bench-results.json``. ``python -m benchmarks.runner [--quick] [--device D] [NAME...]``
+is ``recsys bench`` without the CLI.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.measure import machine, peak_rss_mib
 from pipelines.report import format_table
 from recsys.core.atomic import write_json
+from recsys.core.errors import RecsysError
 
-BENCHMARKS: dict[str, str] = {
-    "prepare": "pipelines.bench_prepare:bench_prepare",
-    "train": "pipelines.bench_train:bench_train",
-    "evaluate": "pipelines.bench_evaluate:bench_evaluate",
-    "serve": "pipelines.bench_serve:bench_serve",
-    "accuracy": "pipelines.bench_accuracy:bench_accuracy",
-}
+BENCHMARKS = ("prepare", "train", "evaluate", "serve", "accuracy")
 ON_DEVICE = {"train", "accuracy"}  # the benchmarks that run on --device (the rest: CPU)
 OPT_IN = {"accuracy"}  # a full Diginetica training (~14 min on 2 cores): only when named
 RESULTS = Path("bench-results.json")
 
-
-def machine(device: str = "cpu") -> str:
-    """One line naming the machine the numbers came from (and the GPU, when one is used)."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    line = (
-        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    )
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        line += (
-            f"; GPU {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
-        )
-    return line
+Benchmark = Callable[..., list[dict[str, Any]]]
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def benchmark(name: str) -> Benchmark:
+    """The function of one benchmark, imported only here, in the child that runs it: a child
+    loads its own benchmark's modules (torch, mlflow, ...) and no other's."""
+    match name:
+        case "prepare":
+            from benchmarks.prepare import bench_prepare
 
+            return bench_prepare
+        case "train":
+            from benchmarks.train import bench_train
 
-def peak_gpu_mib() -> float:
-    """Peak GPU memory torch allocated in this process (since the last reset of its stats)."""
-    import torch
+            return bench_train
+        case "evaluate":
+            from benchmarks.evaluate import bench_evaluate
 
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            return bench_evaluate
+        case "serve":
+            from benchmarks.serve import bench_serve
 
+            return bench_serve
+        case "accuracy":
+            from benchmarks.accuracy import bench_accuracy
 
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    import numpy as np
-
-    arr = np.asarray(samples_ms)
-    return {
-        "p50_ms": round(float(np.percentile(arr, 50)), 3),
-        "p90_ms": round(float(np.percentile(arr, 90)), 3),
-        "p99_ms": round(float(np.percentile(arr, 99)), 3),
-    }
+            return bench_accuracy
+    raise RecsysError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
 
 
 def _run_one(name: str, quick: bool, device: str) -> list[dict[str, Any]]:
     """Run a benchmark in a child process; it prints its rows as JSON on the last line."""
-    cmd = [sys.executable, "-m", "pipelines.bench", "--child", name, "--device", device]
+    cmd = [sys.executable, "-m", "benchmarks.runner", "--child", name, "--device", device]
     cmd += ["--quick"] if quick else []
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -107,7 +84,6 @@ def run_benchmarks(
     ``device`` ("cpu", "cuda" or "auto") is where the ``ON_DEVICE`` benchmarks run; with a GPU,
     only those run, and naming another is an error rather than a CPU number under a GPU label.
     """
-    from recsys.core.errors import RecsysError
     from recsys.training.trainer import resolve_device
 
     device = resolve_device(device, "--device").type
@@ -143,11 +119,11 @@ def run_benchmarks(
 
 
 def _child(name: str, quick: bool, device: str) -> None:
-    module_name, func_name = BENCHMARKS[name].split(":")
-    import importlib
+    from recsys.serving.mlflow_store import quiet_environment
 
     os.environ.setdefault("RECSYS_QUIET", "1")
-    func = getattr(importlib.import_module(module_name), func_name)
+    quiet_environment()
+    func = benchmark(name)
     rows = func(quick, device) if name in ON_DEVICE else func(quick)
     for row in rows:
         row.setdefault("benchmark", name)
@@ -155,11 +131,17 @@ def _child(name: str, quick: bool, device: str) -> None:
     print(json.dumps(rows, default=str))
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
+def main(args: list[str]) -> None:
     where = args[args.index("--device") + 1] if "--device" in args else "cpu"
-    if args[:1] == ["--child"]:
-        _child(args[1], "--quick" in args, where)
-    else:
-        names = [a for a in args if not a.startswith("--") and a != where]
-        run_benchmarks(names, quick="--quick" in args, device=where)
+    try:
+        if args[:1] == ["--child"]:
+            _child(args[1], "--quick" in args, where)
+        else:
+            names = [a for a in args if not a.startswith("--") and a != where]
+            run_benchmarks(names, quick="--quick" in args, device=where)
+    except RecsysError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -18,8 +18,7 @@ import numpy as np
 import polars as pl
 
 from recsys.config import config_from_dict
-from recsys.data.preparation import prepare_events
-from recsys.data.schema import ITEMS_FILE, SPLITS, split_file
+from recsys.data.preparation import prepare_events, write_prepared
 from recsys.data.sources import read_events
 
 N_ITEMS = 200_000
@@ -86,11 +85,7 @@ def bench_prepare(quick: bool) -> list[dict[str, Any]]:
         dataset = prepare_events(read_events(config.data.source), config.data.preparation, "bench")
         seconds = time.perf_counter() - start
         write_start = time.perf_counter()
-        out = config.prepared_dir
-        out.mkdir(parents=True)
-        for name in SPLITS:
-            dataset.split(name).write_parquet(out / split_file(name), statistics=False)
-        dataset.items.write_parquet(out / ITEMS_FILE, statistics=False)
+        write_prepared(dataset, config.prepared_dir)
         write_s = time.perf_counter() - write_start
         stats = dataset.stats
     label = f"{n_target // 1_000_000}M"
@@ -101,7 +96,7 @@ def bench_prepare(quick: bool) -> list[dict[str, Any]]:
             "seconds": round(seconds, 2),
             "events": n_events,
             "note": (
-                f"read Parquet + whole protocol; writing the splits +{write_s:.1f}s; "
+                f"read Parquet + whole protocol; writing the prepared dataset +{write_s:.1f}s; "
                 f"{stats['items']:,} items, {stats['splits']['train']['events']:,} train / "
                 f"{stats['splits']['test']['events']:,} test events, "
                 f"{len(stats['dropped']['filter_rounds'])} filter rounds; "

@@ -10,34 +10,30 @@ torch can reproduce them. Opt-in (``recsys bench --only accuracy``): ~14 minutes
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
-from pipelines.bench import peak_gpu_mib
-from pipelines.bench_train import DIGINETICA
-from recsys.config import load_config
+from benchmarks.measure import peak_gpu_mib
+from benchmarks.train import DIGINETICA_CONFIG, diginetica_config
 from recsys.core.errors import RecsysError
 from recsys.data.preparation import prepare_events
 from recsys.data.sources import read_events
-from recsys.evaluation.gru4rec import GRU4RecRecommender
+from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import evaluate
 from recsys.training.trainer import train_gru4rec
-
-CONFIG = Path(__file__).resolve().parent.parent / "configs/diginetica.yaml"
 
 
 def bench_accuracy(
     quick: bool, device: str = "cpu", settings: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """``settings``: dotted config overrides (``{"train.matmul": "fp32"}``) for comparisons."""
-    if not DIGINETICA.exists():
-        raise RecsysError(f"{DIGINETICA}: the accuracy benchmark needs the shared Diginetica log")
-    overrides: dict[str, Any] = {"train.device": device, "data.source.path": str(DIGINETICA)}
-    overrides.update(settings or {})
+    overrides: dict[str, Any] = {"train.device": device, **(settings or {})}
     if quick:
         overrides["train.epochs"] = 1
-    cfg = load_config(CONFIG, overrides)
-    data = prepare_events(read_events(cfg.data.source), cfg.data.preparation, str(DIGINETICA))
+    cfg = diginetica_config(overrides)
+    log = cfg.data.source.paths[0]
+    if not log.exists():
+        raise RecsysError(f"{log}: the accuracy benchmark needs the shared Diginetica log")
+    data = prepare_events(read_events(cfg.data.source), cfg.data.preparation, str(log))
 
     def report(record: dict[str, Any]) -> None:
         print(
@@ -48,7 +44,7 @@ def bench_accuracy(
         )
 
     trained = train_gru4rec(data.train, data.n_items, cfg.model, cfg.train, on_epoch=report)
-    rec = GRU4RecRecommender(data.n_items, model=trained.model)
+    rec = GRU4RecScorer(trained.model)
     result = evaluate(
         rec,
         data.test,
@@ -69,7 +65,7 @@ def bench_accuracy(
             "evaluate_s": round(result.seconds, 1),
             "recall@20": round(result.metrics["recall@20"], 4),
             "mrr@20": round(result.metrics["mrr@20"], 4),
-            "note": f"{CONFIG.name} on {device}, {trained.history[-1]['products']} products, "
+            "note": f"{DIGINETICA_CONFIG.name} on {device}, {trained.history[-1]['products']} products, "
             f"{result.predictions:,} test predictions, "
             f"epoch losses {[round(r['loss'], 4) for r in trained.history]}",
         }

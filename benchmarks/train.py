@@ -2,8 +2,9 @@
 
 Two settings, a fixed number of steps each (after a short warm-up):
 (a) 100 units, batch 32, 2048 samples, cross-entropy + logQ, shared embedding;
-(b) the published Diginetica setting: BPR-max, 512 units, batch 128, dropout 0.5/0.3,
-    lr 0.05, momentum 0.15, 2048 samples, alpha 0.3, bpreg 0.9, ELU 1.
+(b) the published Diginetica setting as ``configs/diginetica.yaml`` has it (BPR-max, 512 units,
+    batch 128, dropout 0.5/0.3, lr 0.05, momentum 0.15, 2048 samples, alpha 0.3, bpreg 0.9,
+    ELU 1), read from that file, with fp32 products and (a)'s sample store.
 Without ../shared/data, a synthetic log of the same catalogue size stands in (said in the note).
 """
 
@@ -15,62 +16,76 @@ from typing import Any
 import polars as pl
 import torch
 
-from pipelines.bench import peak_gpu_mib
-from recsys.config import ModelConfig, PreparationConfig, SourceConfig, TrainConfig
+from benchmarks.measure import peak_gpu_mib
+from recsys.config import (
+    Config,
+    ModelConfig,
+    PreparationConfig,
+    SourceConfig,
+    TrainConfig,
+    load_config,
+)
 from recsys.data.batching import session_arrays
 from recsys.data.preparation import PreparedDataset, prepare_events
 from recsys.data.sources import read_events
 from recsys.data.synthetic import SyntheticConfig
+from recsys.model.artifact import TrainedModel
 from recsys.model.gru4rec import GRU4Rec
 from recsys.training.trainer import Trainer, item_support, resolve_device
 
-DIGINETICA = (
-    Path(__file__).resolve().parent.parent.parent / "shared/data/diginetica/diginetica_sessions.tsv"
-)
+ROOT = Path(__file__).resolve().parent.parent
+DIGINETICA_CONFIG = ROOT / "configs" / "diginetica.yaml"
+SAMPLE_STORE = 2_000_000  # negatives drawn ahead: the same store for every setting
+SETTING_B = "b: Diginetica BPR-max, 512 units, batch 128"
 
-SETTINGS: dict[str, tuple[ModelConfig, TrainConfig]] = {
-    "a: 100 units, batch 32, XE+logQ": (
-        ModelConfig(layers=[100], embedding="shared"),
-        TrainConfig(
-            loss="cross-entropy",
-            batch_size=32,
-            n_sample=2048,
-            sample_alpha=0.5,
-            logq=1.0,
-            learning_rate=0.1,
-            sample_store_size=2_000_000,
+
+def diginetica_config(overrides: dict[str, Any] | None = None) -> Config:
+    """``configs/diginetica.yaml`` with a benchmark's ``overrides``; its log path is resolved
+    against the project folder (where ``make`` runs it), so any working directory reads it."""
+    log = load_config(DIGINETICA_CONFIG).data.source.paths[0]
+    overrides = {"data.source.path": str(ROOT / log), **(overrides or {})}
+    return load_config(DIGINETICA_CONFIG, overrides)
+
+
+def settings() -> dict[str, tuple[ModelConfig, TrainConfig]]:
+    """The training settings, by row name; (b) and its variants come from the Diginetica config.
+
+    (b) takes fp32 products (the config's ``auto`` would differ between machines) and the
+    benchmark's sample store; (b') changes only the products to bf16, (b'') also swaps the
+    native kernels for torch ops (what they give, in the same run).
+    """
+    b = diginetica_config({"train.matmul": "fp32", "train.sample_store_size": SAMPLE_STORE})
+    return {
+        "a: 100 units, batch 32, XE+logQ": (
+            ModelConfig(layers=[100], embedding="shared"),
+            TrainConfig(
+                loss="cross-entropy",
+                batch_size=32,
+                n_sample=2048,
+                sample_alpha=0.5,
+                logq=1.0,
+                learning_rate=0.1,
+                sample_store_size=SAMPLE_STORE,
+            ),
         ),
-    ),
-    "b: Diginetica BPR-max, 512 units, batch 128": (
-        ModelConfig(layers=[512], embedding="shared", dropout_embed=0.5, dropout_hidden=0.3),
-        TrainConfig(
-            loss="bpr-max",
-            batch_size=128,
-            learning_rate=0.05,
-            momentum=0.15,
-            n_sample=2048,
-            sample_alpha=0.3,
-            bpreg=0.9,
-            elu_param=1.0,
-            sample_store_size=2_000_000,
+        SETTING_B: (b.model, b.train),
+        "b': the same with bf16 products": (
+            b.model,
+            b.train.model_copy(update={"matmul": "bf16"}),
         ),
-    ),
-}
-# (b) with the step's matrix products in bf16 (``train.matmul: bf16``), everything else equal;
-# then the same with torch ops instead of the native kernels (what they give, in the same run)
-_B = SETTINGS["b: Diginetica BPR-max, 512 units, batch 128"]
-SETTINGS["b': the same with bf16 products"] = (_B[0], _B[1].model_copy(update={"matmul": "bf16"}))
-SETTINGS["b'': (b') with torch ops, no native kernels"] = (
-    _B[0],
-    _B[1].model_copy(update={"matmul": "bf16", "kernels": "torch"}),
-)
+        "b'': (b') with torch ops, no native kernels": (
+            b.model,
+            b.train.model_copy(update={"matmul": "bf16", "kernels": "torch"}),
+        ),
+    }
 
 
 def load_train() -> tuple[PreparedDataset, str]:
-    if DIGINETICA.exists():
-        source = SourceConfig(format="srgnn_tsv", path=DIGINETICA)
-        prep = PreparationConfig(dedup_consecutive=False, min_item_support=1, split="given")
-        return prepare_events(read_events(source), prep, str(DIGINETICA)), "Diginetica train split"
+    config = diginetica_config()
+    log = config.data.source.paths[0]
+    if log.exists():
+        data = prepare_events(read_events(config.data.source), config.data.preparation, str(log))
+        return data, "Diginetica train split"
     synth = SyntheticConfig(n_items=43_097, n_sessions=190_000)
     source = SourceConfig(format="synthetic", synthetic=synth)
     return prepare_events(
@@ -111,9 +126,6 @@ def train_steps(
     return result, model.cpu().eval()
 
 
-TRAINED = Path(
-    "data/diginetica/model/model.pt"
-)  # what `make pipeline CONFIG=configs/diginetica.yaml` writes
 BRIEF_STEPS = 1000
 
 
@@ -125,11 +137,12 @@ def bench_model(dataset: PreparedDataset) -> tuple[GRU4Rec, str]:
     ``make pipeline CONFIG=configs/diginetica.yaml`` when present (and of this catalogue), else
     setting (b) trained for ``BRIEF_STEPS`` steps (~25 s).
     """
-    if TRAINED.exists():
-        model, _ = GRU4Rec.load(TRAINED)
+    trained = diginetica_config().model_file  # what that pipeline writes
+    if trained.exists():
+        model = TrainedModel.load(trained).network
         if model.n_items == dataset.n_items:
-            return model, f"trained model ({TRAINED})"
-    model_cfg, train_cfg = SETTINGS["b: Diginetica BPR-max, 512 units, batch 128"]
+            return model, f"trained model ({trained})"
+    model_cfg, train_cfg = settings()[SETTING_B]
     _, model = train_steps(dataset.train, dataset.n_items, model_cfg, train_cfg, BRIEF_STEPS)
     return model, f"512-unit model trained {BRIEF_STEPS} steps of setting (b)"
 
@@ -139,7 +152,7 @@ def bench_train(quick: bool, device: str = "cpu") -> list[dict[str, Any]]:
     where = resolve_device(device)
     on = f"{torch.get_num_threads()} threads" if where.type == "cpu" else "GPU"
     rows = []
-    for name, (model_cfg, train_cfg) in SETTINGS.items():
+    for name, (model_cfg, train_cfg) in settings().items():
         steps = 100 if quick else 600
         result, _ = train_steps(dataset.train, dataset.n_items, model_cfg, train_cfg, steps, device)
         kernels = result.pop("kernels")

@@ -1,6 +1,6 @@
 """Serving latency on the Diginetica catalogue: in-process, live sessions, REST under load.
 
-The model is ``bench_train.bench_model``'s: 43,097 items with their real ids and popularity,
+The model is ``benchmarks.train.bench_model``'s: 43,097 items with their real ids and popularity,
 512 units, shared embedding, trained (the Diginetica pipeline's model when present, else
 1,000 steps of the published setting). Trained, not random: how often the certified
 low-precision pass settles a request depends on the score structure, and random weights give
@@ -33,9 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.bench import percentiles
+from benchmarks.measure import percentiles
 from pipelines.serve import HOST, running_server
-from recsys.data.schema import ITEM, SESSION, SUPPORT, TIME
+from recsys.data.schema import ITEM, SESSION, TIME
+from recsys.model.artifact import ItemIndex, TrainedModel
+from recsys.serving.mlflow_store import quiet_environment
 from recsys.serving.recommender import SessionRecommender
 
 K = 20
@@ -46,15 +48,14 @@ WORKERS = 1  # see pipelines.serve: uvicorn's --workers N loses TCP_NODELAY
 def build_model(path: Path) -> tuple[Path, list[list[Any]], str]:
     """The benchmark model saved like a trained one, its test sessions (original ids), a note.
 
-    ``bench_train.bench_model``: the trained Diginetica model when present, else a briefly
+    ``benchmarks.train.bench_model``: the trained Diginetica model when present, else a briefly
     trained one; never random weights, whose flat scores no certified top-k could settle.
     """
-    from pipelines.bench_train import bench_model, load_train
+    from benchmarks.train import bench_model, load_train
 
     dataset, origin = load_train()
     model, which = bench_model(dataset)
-    items = dataset.items.sort("item_idx")
-    model.save(path, {"item_ids": items[ITEM].to_list(), "support": items[SUPPORT].to_list()})
+    TrainedModel(model, ItemIndex.from_table(dataset.items)).save(path)
     sessions = (
         dataset.test.sort(SESSION, TIME)
         .group_by(SESSION, maintain_order=True)
@@ -129,30 +130,18 @@ def _certified(stats: dict[str, int]) -> str:
 # --- REST ---------------------------------------------------------------------------------------
 
 
-def log_pyfunc(model_path: Path, sessions: list[list[int]]) -> str:
-    """Log the model as ``recsys register`` does (same entry point, code, signature)."""
+def log_model(model_path: Path, sessions: list[list[int]]) -> str:
+    """Log the model with ``recsys register``'s ``log_pyfunc``; returns the logged model's URI."""
     import mlflow
-    import pandas as pd
 
-    from pipelines.register import PACKAGE_DIR, _pip_requirements, _signature
     from pipelines.tracking import experiment_id
-    from recsys.serving.mlflow_store import connect
-    from recsys.serving.pyfunc import SESSION_COLUMN
+    from recsys.serving.mlflow_store import connect, log_pyfunc
 
     # The project's experiment helper puts artifacts beside the SQLite store (the temporary
     # directory); MLflow's own default would be ./mlruns in the working directory.
     client = connect()
     with mlflow.start_run(experiment_id=experiment_id(client, "bench-serve")):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PACKAGE_DIR / "serving" / "pyfunc_entry.py"),
-            artifacts={"model": str(model_path)},
-            code_paths=[str(PACKAGE_DIR)],
-            signature=_signature(True),
-            input_example=(pd.DataFrame({SESSION_COLUMN: sessions[:2]}), {"k": K}),
-            pip_requirements=_pip_requirements(),
-            model_config={"k": K},
-        )
+        info = log_pyfunc(model_path, sessions[:2])
     return str(info.model_uri)
 
 
@@ -231,17 +220,12 @@ def bench_rest(
 ) -> list[dict[str, Any]]:
     store = workdir / "mlops"
     store.mkdir()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "MLFLOW_LOGGING_LEVEL": "WARNING",
-        "PYTHONWARNINGS": "ignore",
-    }
+    quiet_environment()  # before MLflow is imported; the server inherits it
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     try:
-        model_uri = log_pyfunc(model_path, sessions)
+        model_uri = log_model(model_path, sessions)
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -1,7 +1,7 @@
 """Evaluation throughput on the Diginetica test split (60,858 predictions over 43,097 items).
 
 GRU4Rec (512 units) with the certified fast exact ranking and with plain fp32 scoring, and every
-baseline (fit + evaluation). The GRU4Rec model is ``bench_train.bench_model``'s (the trained
+baseline (fit + evaluation). The GRU4Rec model is ``benchmarks.train.bench_model``'s (the trained
 Diginetica model when present, else a briefly trained one; said in the note).
 """
 
@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from pipelines.bench_train import bench_model, load_train
+from benchmarks.train import bench_model, load_train
+from recsys.config import BASELINE_KINDS
 from recsys.evaluation.baselines import make_baseline
-from recsys.evaluation.gru4rec import GRU4RecRecommender
+from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import evaluate
 
 
@@ -23,7 +24,7 @@ def bench_evaluate(quick: bool) -> list[dict[str, Any]]:
     test = dataset.test.head(8000) if quick else dataset.test
     model, which = bench_model(dataset)
     rows: list[dict[str, Any]] = []
-    rec = GRU4RecRecommender(dataset.n_items, model=model)
+    rec = GRU4RecScorer(model)
     for fast in (True, False):
         rec.fast_ranking = fast
         result = evaluate(rec, test, show_progress=False)
@@ -37,7 +38,7 @@ def bench_evaluate(quick: bool) -> list[dict[str, Any]]:
                 "note": f"{origin}, {result.predictions:,} predictions, {which}",
             }
         )
-    for kind in ("pop", "spop", "iknn", "sr", "vsknn", "stan"):
+    for kind in BASELINE_KINDS:
         start = time.perf_counter()
         baseline = make_baseline(kind, dataset.n_items, {}).fit(dataset.train)
         fit = time.perf_counter() - start

@@ -1,21 +1,64 @@
 """Run configuration: one YAML file, validated into typed dataclass-like models.
 
-One model per concern (source, preparation, model, training, evaluation, registry). Unknown keys
-and wrong types are errors that name the file and the key; nothing is silently ignored.
+One model per concern (source, preparation, model, training, evaluation, registry). Unknown keys,
+wrong types (``epochs: true`` included), unknown metrics and bad baseline parameters are errors
+that name the file and the key when the config is loaded, never later in a run. ``fields`` holds
+the strict field types every section uses, ``baselines`` the baseline kinds and their parameters.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from recsys.config.baselines import (
+    BASELINE_KINDS,
+    BASELINE_PARAMS,
+    BaselineConfig,
+    BaselineParams,
+    ItemKNNParams,
+    NoParams,
+    SequentialRulesParams,
+    STANParams,
+    VSKNNParams,
+    default_baselines,
+)
+from recsys.config.fields import Flag, Float, Int, MetricName, Section
+from recsys.config.synthetic import SyntheticConfig
 from recsys.core.errors import RecsysError
-from recsys.data.synthetic import SyntheticConfig
+from recsys.core.metrics import parse_metric
+
+__all__ = [
+    "BASELINE_KINDS",
+    "BASELINE_PARAMS",
+    "SOURCE_FORMATS",
+    "BaselineConfig",
+    "BaselineParams",
+    "Config",
+    "DataConfig",
+    "EarlyStoppingConfig",
+    "EvaluationConfig",
+    "ItemKNNParams",
+    "ModelConfig",
+    "NoParams",
+    "PreparationConfig",
+    "RegistryConfig",
+    "STANParams",
+    "SequentialRulesParams",
+    "SourceConfig",
+    "SourceFormat",
+    "TrainConfig",
+    "VSKNNParams",
+    "baseline_config",
+    "config_from_dict",
+    "default_baselines",
+    "load_config",
+]
 
 SourceFormat = Literal[
     "synthetic",
@@ -28,13 +71,13 @@ SourceFormat = Literal[
     "srgnn_tsv",
     "table",
 ]
+SOURCE_FORMATS: tuple[str, ...] = get_args(SourceFormat)  # the one list; data's readers follow it
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+MODEL_FILE = "model.pt"  # the trained model's file name, in a model directory or an MLflow model
 
 
-class SourceConfig(_Strict):
+class SourceConfig(Section):
     """Where the raw click log is and how to read it."""
 
     format: SourceFormat
@@ -45,7 +88,7 @@ class SourceConfig(_Strict):
     timestamp_unit: Literal["s", "ms", "us", "ns", "datetime"] = "s"
     separator: str | None = None
     # Formats without sessions (RetailRocket, Rees46) or with long ones (Coveo) are cut here.
-    session_gap_minutes: Annotated[float, Field(gt=0)] = 60.0
+    session_gap_minutes: Annotated[Float, Field(gt=0)] = 60.0
     synthetic: SyntheticConfig | None = None
 
     @model_validator(mode="after")
@@ -68,36 +111,36 @@ class SourceConfig(_Strict):
         return list(self.path) if isinstance(self.path, list) else [self.path]
 
 
-class PreparationConfig(_Strict):
+class PreparationConfig(Section):
     """The preparation protocol (DESIGN §2); defaults are the published GRU4Rec protocol."""
 
-    dedup_consecutive: bool = True
-    min_session_length: Annotated[int, Field(ge=1)] = 2
-    min_item_support: Annotated[int, Field(ge=1)] = 5
+    dedup_consecutive: Flag = True
+    min_session_length: Annotated[Int, Field(ge=1)] = 2
+    min_item_support: Annotated[Int, Field(ge=1)] = 5
     # Repeat the two filters until nothing changes (the 2023 reference); False = one pass.
-    iterate_filters: bool = True
+    iterate_filters: Flag = True
     # "time": split at t_max - test_days (or at split_time); "given": keep the reader's split column.
     split: Literal["time", "given"] = "time"
-    test_days: Annotated[float, Field(gt=0)] = 1.0
+    test_days: Annotated[Float, Field(gt=0)] = 1.0
     split_time: str | None = None
     # For "given" splits without timestamps: share of the last train sessions used as `valid`.
-    valid_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.08
+    valid_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.08
 
 
-class DataConfig(_Strict):
+class DataConfig(Section):
     source: SourceConfig
     preparation: PreparationConfig = PreparationConfig()
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Section):
     """GRU4Rec network shape (DESIGN §3)."""
 
-    layers: list[Annotated[int, Field(ge=1)]] = [100]
+    layers: list[Annotated[Int, Field(ge=1)]] = [100]
     # shared: input vectors = output vectors; separate: own input embedding; none: one-hot input.
     embedding: Literal["shared", "separate", "none"] = "shared"
-    embedding_dim: Annotated[int, Field(ge=0)] = 0  # separate mode; 0 = size of the first layer
-    dropout_embed: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    dropout_hidden: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    embedding_dim: Annotated[Int, Field(ge=0)] = 0  # separate mode; 0 = size of the first layer
+    dropout_embed: Annotated[Float, Field(ge=0, lt=1)] = 0.0
+    dropout_hidden: Annotated[Float, Field(ge=0, lt=1)] = 0.0
 
     @field_validator("layers")
     @classmethod
@@ -107,26 +150,27 @@ class ModelConfig(_Strict):
         return v
 
 
-class EarlyStoppingConfig(_Strict):
+class EarlyStoppingConfig(Section):
     """Tune the epoch count on train_tr/valid, then refit on the full train split."""
 
-    patience: Annotated[int, Field(ge=1)] = 2
-    metric: str = "mrr@20"
+    patience: Annotated[Int, Field(ge=1)] = 2
+    # Any cut-off: the tuning evaluates at this metric's own cut-off, not evaluation.cutoffs.
+    metric: MetricName = "mrr@20"
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Section):
     loss: Literal["cross-entropy", "bpr-max", "top1-max"] = "cross-entropy"
-    batch_size: Annotated[int, Field(ge=1)] = 32
-    epochs: Annotated[int, Field(ge=1)] = 5
-    learning_rate: Annotated[float, Field(gt=0)] = 0.05
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    n_sample: Annotated[int, Field(ge=0)] = 2048
-    sample_alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
-    sample_store_size: Annotated[int, Field(ge=0)] = 10_000_000
-    logq: Annotated[float, Field(ge=0, le=1)] = 0.0
-    bpreg: Annotated[float, Field(ge=0)] = 1.0
-    elu_param: Annotated[float, Field(ge=0)] = 0.5
-    seed: int = 42
+    batch_size: Annotated[Int, Field(ge=1)] = 32
+    epochs: Annotated[Int, Field(ge=1)] = 5
+    learning_rate: Annotated[Float, Field(gt=0)] = 0.05
+    momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.0
+    n_sample: Annotated[Int, Field(ge=0)] = 2048
+    sample_alpha: Annotated[Float, Field(ge=0, le=1)] = 0.5
+    sample_store_size: Annotated[Int, Field(ge=0)] = 10_000_000
+    logq: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    bpreg: Annotated[Float, Field(ge=0)] = 1.0
+    elu_param: Annotated[Float, Field(ge=0)] = 0.5
+    seed: Int = 42
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # bf16: the step's matrix products take bfloat16 operands (recsys/model/matmul.py), ~2.4x
     # faster on CPUs with AVX512-BF16 or AMX; everything else stays fp32. auto: bf16 on such
@@ -136,42 +180,29 @@ class TrainConfig(_Strict):
     # (recsys/model/kernels.py, CPU, built once with the local compiler), torch = torch ops (same
     # arithmetic; dropout from another random stream); auto = native where it builds
     kernels: Literal["auto", "native", "torch"] = "auto"
-    threads: Annotated[int, Field(ge=0)] = 0  # 0 = torch default
-    max_steps: Annotated[int, Field(ge=0)] = (
+    threads: Annotated[Int, Field(ge=0)] = 0  # 0 = torch default
+    max_steps: Annotated[Int, Field(ge=0)] = (
         0  # 0 = full epochs; >0 caps steps per epoch (smoke runs)
     )
     early_stopping: EarlyStoppingConfig | None = None
 
 
-class BaselineConfig(_Strict):
-    """One baseline and its parameters; `kind` names the algorithm."""
-
-    kind: Literal["pop", "spop", "iknn", "vsknn", "stan", "sr"]
-    params: dict[str, Any] = {}
-
-
-def _default_baselines() -> dict[str, BaselineConfig]:
-    return {
-        name: BaselineConfig(kind=name)  # type: ignore[arg-type]
-        for name in ("pop", "spop", "iknn", "sr", "vsknn", "stan")
-    }
-
-
-class EvaluationConfig(_Strict):
-    cutoffs: list[Annotated[int, Field(ge=1)]] = [1, 5, 10, 20]
+class EvaluationConfig(Section):
+    cutoffs: list[Annotated[Int, Field(ge=1)]] = [1, 5, 10, 20]
     ties: Literal["conservative", "standard", "median"] = "conservative"
-    batch_size: Annotated[int, Field(ge=1)] = 512
-    exclude_seen: bool = False
-    coverage_k: Annotated[int, Field(ge=1)] = 20
-    baselines: dict[str, BaselineConfig] = Field(default_factory=_default_baselines)
+    batch_size: Annotated[Int, Field(ge=1)] = 512
+    exclude_seen: Flag = False
+    coverage_k: Annotated[Int, Field(ge=1)] = 20
+    baselines: dict[str, BaselineConfig] = Field(default_factory=default_baselines)
 
 
-class RegistryConfig(_Strict):
-    metric: str = "mrr@20"
-    model_name: str | None = None  # default gru4rec-<name>
+class RegistryConfig(Section):
+    # The gate: a new version becomes champion if it beats the champion on this test metric.
+    metric: MetricName = "mrr@20"
+    model_name: Annotated[str, Field(min_length=1)] | None = None  # default gru4rec-<name>
 
 
-class Config(_Strict):
+class Config(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     workdir: Path = Path("data")
     data: DataConfig
@@ -179,6 +210,17 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _gate_is_evaluated(self) -> Config:
+        metric = self.registry.metric
+        k = parse_metric(metric).k
+        if k not in self.evaluation.cutoffs:
+            raise ValueError(
+                f"registry.metric: {metric!r} is never computed, its cut-off {k} is not among "
+                f"evaluation.cutoffs {list(self.evaluation.cutoffs)}"
+            )
+        return self
 
     # Path conventions, defined once.
     @property
@@ -194,6 +236,11 @@ class Config(_Strict):
         return self.run_dir / "model"
 
     @property
+    def model_file(self) -> Path:
+        """The trained-model artifact (``recsys.model.artifact.TrainedModel``)."""
+        return self.model_dir / MODEL_FILE
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
@@ -204,13 +251,6 @@ class Config(_Strict):
     @property
     def registered_model_name(self) -> str:
         return self.registry.model_name or f"gru4rec-{self.name}"
-
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of some config sections: the cache key that decides if a step is redone."""
-        blob = json.dumps(
-            {s: self.model_dump(mode="json")[s] for s in sections}, sort_keys=True, default=str
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def flat_params(self) -> dict[str, str]:
         """The whole resolved config as flat ``a.b.c -> value`` strings (for MLflow params)."""
@@ -227,16 +267,19 @@ class Config(_Strict):
         return out
 
 
-def _format_validation_error(path: Path, err: ValidationError) -> str:
-    lines = [f"{path}: invalid configuration"]
+def _format_validation_error(source: Path | str, err: ValidationError) -> str:
+    """One line per problem, each naming its dotted key, under a header naming the source."""
+    lines = [f"{source}: invalid configuration"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/default.yaml for the known keys)"
+        elif e["type"] == "value_error":
+            msg = str(e["ctx"]["error"])  # our own checks: the message says what was found
         elif "input" in e and e["type"] not in ("missing",):
             msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  - {loc or '<top level>'}: {msg}")
+        lines.append(f"  - {loc}: {msg}" if loc else f"  - {msg}")
     return "\n".join(lines)
 
 
@@ -269,3 +312,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         return Config.model_validate(raw)
     except ValidationError as err:
         raise RecsysError(_format_validation_error(Path("<dict>"), err)) from None
+
+
+def baseline_config(kind: str, params: BaselineParams | Mapping[str, Any] | None) -> BaselineConfig:
+    """A baseline given in code, checked as a config's ``evaluation.baselines`` entry is."""
+    raw = {} if params is None else params if isinstance(params, Section) else dict(params)
+    try:
+        return BaselineConfig.model_validate({"kind": kind, "params": raw})
+    except ValidationError as err:
+        raise RecsysError(_format_validation_error(f"baseline {kind!r}", err)) from None
