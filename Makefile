@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup pipeline prepare train evaluate register recommend serve ui test lint format bench clean
+.PHONY: help setup pipeline tune prepare train evaluate register recommend serve ui test lint format bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ setup: $(STAMP) ## Create .venv and install the project (done automatically by o
 
 pipeline: $(STAMP) ## prepare -> train -> evaluate -> register on CONFIG (default: the embedded synthetic log)
 	$(VENV)/bin/recsys pipeline --config $(CONFIG)
+
+tune: $(STAMP) ## Hyper-parameter search on CONFIG's train_tr/valid -> data/<name>/tuning/best.yaml
+	$(VENV)/bin/recsys tune --config $(CONFIG)
 
 prepare: $(STAMP) ## Prepare the dataset of CONFIG
 	$(VENV)/bin/recsys prepare --config $(CONFIG)

@@ -137,7 +137,7 @@ def bench_model(dataset: PreparedDataset) -> tuple[GRU4Rec, str]:
     ``make pipeline CONFIG=configs/diginetica.yaml`` when present (and of this catalogue), else
     setting (b) trained for ``BRIEF_STEPS`` steps (~25 s).
     """
-    trained = diginetica_config().model_file  # what that pipeline writes
+    trained = ROOT / diginetica_config().model_file  # what that pipeline writes (from ROOT)
     if trained.exists():
         model = TrainedModel.load(trained).network
         if model.n_items == dataset.n_items:

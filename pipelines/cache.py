@@ -8,20 +8,20 @@ whose key matches redoes nothing; a change to any input changes the key and redo
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from recsys.config import Config
+from recsys.core.fingerprint import digest
 
 KEY = "key"  # the marker's field that holds the step key
 
 
 def step_key(*parts: str) -> str:
     """16 hex digits of SHA-256 over the parts: short, stable, changed by any part."""
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return digest(["|".join(parts).encode()])
 
 
 def config_key(config: Config, *sections: str) -> str:

@@ -139,6 +139,32 @@ def pipeline(config_path: Path, force: bool, promote: bool) -> None:
 @main.command()
 @CONFIG
 @click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    help="Add this many trials (default: until the study has tune.n_trials finished ones).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Start no new trial after SECONDS (default: tune.timeout_seconds).",
+)
+@click.option(
+    "--storage",
+    metavar="URL",
+    help="Optuna database shared by several workers (default: sqlite, mlops/optuna.db).",
+)
+@friendly_errors
+def tune(config_path: Path, trials: int | None, timeout: float | None, storage: str | None) -> None:
+    """Hyper-parameter search (Optuna) on train_tr/valid -> data/<name>/tuning/best.yaml."""
+    from pipelines.tune import run_tune
+
+    config = _load(config_path)
+    run_tune(config, _tracker(config), trials=trials, timeout=timeout, storage=storage)
+
+
+@main.command()
+@CONFIG
+@click.option(
     "--model", "-m", "model_uri", help="A models:/ or runs:/ URI (default: the config's champion)."
 )
 @click.option("--port", "-p", type=click.IntRange(1, 65535), default=5055, show_default=True)
@@ -155,14 +181,15 @@ def serve(config_path: Path, model_uri: str | None, port: int, host: str, worker
     """REST server (mlflow models serve) for the champion: POST /invocations, see docs/serving.md."""
     import os
 
-    from pipelines.serve import champion_uri, server_command, server_env
+    from pipelines.serve import champion_uri, check_servable, server_command, server_env
     from recsys.serving.mlflow_store import QUIET_ENV, tracking_uri
 
     uri = model_uri or champion_uri(_load(config_path))
     # the server resolves models:/ in the project's store unless the user named another one
     env = {**QUIET_ENV, **os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
-    click.echo(f"serving {uri} on http://{host}:{port} (Ctrl-C stops it)", err=True)
     command = server_command(uri, port, host, workers)
+    check_servable(command, uri, host, port)
+    click.echo(f"serving {uri} on http://{host}:{port} (Ctrl-C stops it)", err=True)
     os.execve(command[0], command, server_env(env))
 
 
@@ -269,11 +296,14 @@ def ui(port: int) -> None:
     import os
 
     from pipelines.serve import server_env
+    from recsys.core.errors import RecsysError
     from recsys.serving.mlflow_store import tracking_uri
 
     mlflow = str(Path(sys.executable).parent / "mlflow")
     command = [mlflow, "ui", "--backend-store-uri", tracking_uri(), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--workers", "1"]
+    if not Path(mlflow).is_file():
+        raise RecsysError(f"{mlflow}: mlflow is not installed in this environment")
     os.execve(command[0], command, server_env(os.environ))
 
 

@@ -10,10 +10,9 @@ import polars as pl
 from pipelines.cache import config_key, read_marker, step_key
 from pipelines.report import format_table
 from pipelines.tracking import TAG_CACHED, TAG_DATA, Tracker
-from pipelines.train import read_meta
+from pipelines.train import trained_meta
 from recsys.config import Config
 from recsys.core.atomic import atomic_path, write_json
-from recsys.core.errors import RecsysError
 from recsys.core.metrics import metric_name
 from recsys.core.plots import plot_metrics
 from recsys.core.progress import step
@@ -39,11 +38,7 @@ def read_results(config: Config, key: str | None = None) -> dict[str, Any] | Non
 
 def run_evaluate(config: Config, tracker: Tracker | None, force: bool = False) -> dict[str, Any]:
     data = load_prepared(config.prepared_dir)
-    meta = read_meta(config)
-    if meta is None:
-        raise RecsysError(
-            f"{config.model_file}: no trained model; run `recsys train --config ...` first"
-        )
+    meta = trained_meta(config, data)
     key = eval_key(config, meta["model_fingerprint"], data.stats["fingerprint"])
     previous = None if force else read_results(config, key)
     cached = previous is not None
@@ -78,12 +73,19 @@ def evaluate_dataset(config: Config, data: Any, key: str) -> dict[str, Any]:
     gru = GRU4RecScorer.from_file(config.model_file)
     result = evaluate(gru, data.test, name=GRU4REC, **kwargs)
     rows.append(_row(result, fit_seconds=0.0))
+    fitted: dict[str, Any] = {}
     for name, spec in ev.baselines.items():
         with step(f"baseline {name}: fit"):
             start = time.perf_counter()
             model = make_baseline(spec.kind, data.n_items, spec.params).fit(data.train)
             fit_seconds = time.perf_counter() - start
+        fitted[name] = model
         rows.append(_row(evaluate(model, data.test, name=name, **kwargs), fit_seconds))
+    if ev.fusion.enabled:
+        from pipelines.fusions import fusion_results
+
+        for fused, chosen in fusion_results(config, data, gru, fitted, kwargs):
+            rows.append(_row(fused, fit_seconds=0.0) | chosen)
     results = {"key": key, "ties": ev.ties, "cutoffs": ev.cutoffs, "rows": rows}
     out = config.evaluation_dir
     plot_metrics(rows, ev.cutoffs, out / METRICS_PLOT)
@@ -115,4 +117,7 @@ def results_table(results: dict[str, Any], config: Config) -> str:
             f"; {first['unknown_events']:,} clicks on unknown items skipped, "
             f"{first['skipped_sessions']:,} sessions left with fewer than 2 known clicks"
         )
+    if any("weight" in r for r in rows):  # the fusions: weights chosen on valid
+        columns.insert(-1, "weight")
+        head += "; fusion weights chosen on valid"
     return head + "\n" + format_table(rows, columns)

@@ -113,12 +113,18 @@ def stats_table(stats: dict[str, Any], cached: bool = False) -> str:
         f"{dropped['short_sessions']:,} in short sessions, {dropped['rare_items']:,} of rare items, "
         f"{dropped.get('test_unknown_items', 0):,} test clicks on unknown items"
     )
+    seen, last = stats["repeat_targets"], stats["last_item_targets"]
+    repeats = (
+        f"targets already in the session: test {seen['test']:.1%} ({last['test']:.1%} the item "
+        f"just clicked), valid {seen['valid']:.1%} ({last['valid']:.1%})"
+    )
     head = "prepared dataset" + (" (up to date, not redone)" if cached else "")
     return "\n".join(
         [
             head,
             format_table(rows, ["split", "events", "sessions", "items", "median len"]),
             f"catalogue: {stats['items']:,} items; test predictions: {stats['test_predictions']:,}",
+            repeats,
             note,
         ]
     )

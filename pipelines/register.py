@@ -12,7 +12,7 @@ from typing import Any
 
 from pipelines.evaluate import GRU4REC, eval_key, read_results
 from pipelines.tracking import TAG_DATA, TAG_MODEL, Tracker, guard
-from pipelines.train import read_meta
+from pipelines.train import trained_meta
 from recsys.config import Config
 from recsys.core.errors import RecsysError
 from recsys.data.preparation import load_prepared
@@ -46,10 +46,8 @@ def _champion(client: Any, name: str) -> Any | None:
 def run_register(config: Config, tracker: Tracker, promote: bool = False) -> dict[str, Any]:
     import mlflow
 
-    meta = read_meta(config)
-    if meta is None:
-        raise RecsysError(f"{config.model_file}: no trained model; run `recsys train` first")
     data = load_prepared(config.prepared_dir)
+    meta = trained_meta(config, data)
     key = eval_key(config, meta["model_fingerprint"], data.stats["fingerprint"])
     results = read_results(config, key)
     if results is None:
@@ -58,11 +56,7 @@ def run_register(config: Config, tracker: Tracker, promote: bool = False) -> dic
         )
     metric = config.registry.metric
     row = next(r for r in results["rows"] if r["model"] == GRU4REC)
-    if metric not in row:
-        raise RecsysError(
-            f"registry.metric {metric!r} is not among the evaluation metrics "
-            f"({', '.join(k for k in row if '@' in k)})"
-        )
+    # the config checked at load that the gate's cut-off is among evaluation.cutoffs
     value = float(row[metric])
     client = tracker.client
     name = config.registered_model_name

@@ -29,8 +29,40 @@ START_TIMEOUT = 120.0
 
 def champion_uri(config: Config) -> str:
     """The champion that ``recsys register`` keeps for a config, under its registered name."""
-
     return f"models:/{config.registered_model_name}@{CHAMPION}"
+
+
+def check_servable(command: list[str], model_uri: str, host: str, port: int) -> None:
+    """What ``mlflow models serve`` would otherwise report as a page of tracebacks, checked
+    before it starts: its executable, the model (a registered alias or version, or a path)
+    and the port."""
+    if not Path(command[0]).is_file():
+        raise RecsysError(f"{command[0]}: mlflow is not installed in this environment")
+    if model_uri.startswith("models:/"):
+        from mlflow.exceptions import MlflowException
+
+        from recsys.serving.mlflow_store import connect
+
+        client = connect()
+        name, sep, alias = model_uri.removeprefix("models:/").partition("@")
+        try:
+            if sep:
+                client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, version = name.partition("/")
+                client.get_model_version(name, version)
+        except MlflowException:
+            raise RecsysError(
+                f"{model_uri}: no such registered model version; "
+                f"run `recsys pipeline -c CONFIG` (or `recsys register`) first"
+            ) from None
+    elif not model_uri.startswith("runs:/") and not Path(model_uri).exists():
+        raise RecsysError(f"{model_uri}: no such model file or directory")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise RecsysError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
 
 
 def free_port(host: str = HOST) -> int:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import polars as pl
+
 from pipelines.cache import config_key, read_marker, step_key
 from pipelines.tracking import TAG_CACHED, TAG_DATA, TAG_KERNELS, TAG_MODEL, TAG_PRODUCTS, Tracker
 from recsys.config import Config
 from recsys.core.atomic import write_json
-from recsys.core.metrics import parse_metric
+from recsys.core.errors import RecsysError
+from recsys.core.metrics import Metric, parse_metric
 from recsys.core.plots import plot_loss
 from recsys.core.progress import step
 from recsys.data.preparation import PreparedDataset, load_prepared
@@ -32,35 +35,56 @@ def read_meta(config: Config, key: str | None = None) -> dict[str, Any] | None:
     return read_marker(config.model_dir / META_FILE, key, needs=[config.model_file])
 
 
+def trained_meta(config: Config, data: PreparedDataset) -> dict[str, Any]:
+    """The meta of the model that later steps read; an error if there is none, or if it was
+    trained on another preparation of the data (a re-prepare without a retrain)."""
+    meta = read_meta(config)
+    if meta is None:
+        raise RecsysError(
+            f"{config.model_file}: no trained model; run `recsys train --config ...` first"
+        )
+    if meta.get("data_fingerprint") != data.stats["fingerprint"]:
+        raise RecsysError(
+            f"{config.model_file}: trained on another preparation of the data "
+            f"({meta.get('data_fingerprint')} vs {data.stats['fingerprint']}); "
+            f"run `recsys train --config ...` again"
+        )
+    return meta
+
+
+def validation_metric(model: GRU4Rec, valid: pl.DataFrame, metric: Metric) -> float:
+    """``metric`` of ``model`` on the valid split, scored by the evaluation harness (every
+    position, full catalogue) at the metric's own cut-off: what early stopping and tuning pick by."""
+    result = evaluate(GRU4RecScorer(model), valid, cutoffs=[metric.k], show_progress=False)
+    return result.metrics[str(metric)]
+
+
+def best_epoch(history: list[dict[str, Any]]) -> int:
+    """The 1-based epoch with the best ``valid_metric`` (the first of equals)."""
+    values = [h["valid_metric"] for h in history]
+    return 1 + max(range(len(values)), key=values.__getitem__)
+
+
+def stalled(history: list[dict[str, Any]], patience: int) -> bool:
+    """Whether the last ``patience`` epochs brought no gain over the best one."""
+    return len(history) - best_epoch(history) >= patience
+
+
 def _tune_epochs(config: Config, data: PreparedDataset) -> tuple[int, list[dict[str, Any]]]:
     """Early stopping: train on train_tr, measure the metric on valid after every epoch, stop
     after ``patience`` epochs without a gain, and return the best epoch count for the refit."""
     es = config.train.early_stopping
     assert es is not None
     metric = parse_metric(es.metric)  # checked when the config loaded; its own cut-off
-
-    def validate(model: GRU4Rec) -> float:
-        rec = GRU4RecScorer(model)
-        result = evaluate(rec, data.valid, cutoffs=[metric.k], show_progress=False)
-        return result.metrics[str(metric)]
-
     tuned = train_gru4rec(
         data.train_tr,
         data.n_items,
         config.model,
         config.train,
-        validate=validate,
-        stop=lambda history: _stalled(history, es.patience),
+        validate=lambda model: validation_metric(model, data.valid, metric),
+        stop=lambda history: stalled(history, es.patience),
     )
-    values = [r["valid_metric"] for r in tuned.history]
-    best_epoch = 1 + max(range(len(values)), key=values.__getitem__)
-    return best_epoch, [{**r, "phase": "tune"} for r in tuned.history]
-
-
-def _stalled(history: list[dict[str, Any]], patience: int) -> bool:
-    values = [h["valid_metric"] for h in history]
-    best_at = max(range(len(values)), key=values.__getitem__)
-    return len(values) - 1 - best_at >= patience
+    return best_epoch(tuned.history), [{**r, "phase": "tune"} for r in tuned.history]
 
 
 def run_train(
@@ -70,6 +94,12 @@ def run_train(
     fingerprint = data.stats["fingerprint"]
     key = train_key(config, fingerprint)
     meta = None if force or resume else read_meta(config, key)
+    if (
+        meta is not None
+        and config.evaluation.fusion.enabled
+        and not config.valid_model_file.exists()
+    ):
+        meta = None  # the fusions choose their weights with a train_tr model: train it too
     cached = meta is not None
     if meta is None:
         meta = _train(config, data, key, resume)
@@ -131,6 +161,14 @@ def _train(config: Config, data: PreparedDataset, key: str, resume: bool) -> dic
         result.model, ItemIndex.from_table(data.items), config.name, data.stats["fingerprint"]
     )
     model_fingerprint = trained.save(config.model_file)
+    if config.evaluation.fusion.enabled:
+        with step(f"train GRU4Rec on train_tr ({data.train_tr.height:,} clicks) for the fusions"):
+            on_tr = train_gru4rec(
+                data.train_tr, data.n_items, config.model, config.train, epochs=epochs
+            )
+        TrainedModel(on_tr.model, trained.items, config.name, data.stats["fingerprint"]).save(
+            config.valid_model_file
+        )
     meta = {
         "key": key,
         "model_fingerprint": model_fingerprint,

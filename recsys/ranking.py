@@ -26,6 +26,9 @@ import torch
 
 TieMode = Literal["conservative", "standard", "median"]
 Exclusions = Sequence[Sequence[int]]  # per row: the items that may not be recommended
+# per row: items (M, L) with -1 for none, and what is added to their scores (M, L); an item at
+# most once per row (the repeat readout's session items, recsys.model.readout)
+Boost = tuple[torch.Tensor, torch.Tensor]
 
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 FP32_UNIT = 2.0**-24
@@ -77,9 +80,19 @@ def next_item_targets(
     return torch.from_numpy(np.concatenate([s[1:] for s in sessions])).to(device)
 
 
+def proper_prefixes(sessions: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Every prefix that has a next click, session-major: the rows of an evaluation."""
+    return [s[: t + 1] for s in sessions for t in range(len(s) - 1)]
+
+
 def prefix_items(sessions: Sequence[np.ndarray]) -> list[list[int]]:
     """The items of every proper prefix, session-major: what ``exclude_seen`` leaves out."""
-    return [s[: t + 1].tolist() for s in sessions for t in range(len(s) - 1)]
+    return [p.tolist() for p in proper_prefixes(sessions)]
+
+
+def fast_by_default(n_items: int) -> bool:
+    """The certified pass pays off from ``FAST_MIN_ITEMS`` items; below, fp32 is as fast."""
+    return n_items >= FAST_MIN_ITEMS
 
 
 def mask_items(scores: torch.Tensor, exclude: Exclusions | None) -> None:
@@ -94,23 +107,47 @@ def mask_items(scores: torch.Tensor, exclude: Exclusions | None) -> None:
         ] = float("-inf")
 
 
+def add_boost(scores: torch.Tensor, boost: Boost | None) -> None:
+    """Add each row's boost to its items' scores, in place."""
+    if boost is not None:
+        items, values = boost
+        scores.scatter_add_(1, items.clamp_min(0), values.masked_fill(items < 0, 0.0))
+
+
+def mask_items_at(
+    scores: torch.Tensor, items: torch.Tensor, start: int, exclude: Exclusions | None
+) -> None:
+    """Set columns ``start:`` of ``scores`` to -inf where ``items`` (same shape) is excluded."""
+    if not exclude:
+        return
+    for i, row in enumerate(exclude):
+        if row:
+            banned = torch.isin(items[i, start:], torch.tensor(list(row), device=items.device))
+            scores[i, start:].masked_fill_(banned, float("-inf"))
+
+
 def rank_scores(
     scores: torch.Tensor,
     k: int,
     exclude: Exclusions | None = None,
     targets: torch.Tensor | None = None,
     ties: TieMode | str = "conservative",
+    boost: Boost | None = None,
 ) -> TopK:
-    """Exact top-k of a full score matrix (M, n), excluded items first set to -inf (in place).
-
-    Target ranks are exact up to ``k`` and ``k + 1`` beyond, as ``CatalogueRanker.top_k``.
-    """
+    """Exact top-k of a full score matrix (M, n), boosted, then excluded items set to -inf
+    (in place). Target ranks are exact up to ``k`` and ``k + 1`` beyond, as
+    ``CatalogueRanker.top_k``."""
     k = min(k, scores.shape[1])
+    add_boost(scores, boost)
     mask_items(scores, exclude)
     values, items = torch.topk(scores, k, dim=1)
     ranks = None
     if targets is not None:
         ranks = target_ranks(scores, targets, ties).clamp(max=k + 1)
+        # An excluded target cannot be recommended: a miss, also where fewer than k items are
+        # left to outrank it (its -inf would otherwise tie its way into the top k).
+        excluded = scores.gather(1, targets.view(-1, 1)).squeeze(1) == float("-inf")
+        ranks = ranks.masked_fill(excluded, k + 1)
     return TopK(items, values, ranks, 0)
 
 
@@ -230,9 +267,12 @@ class CatalogueRanker:
 
     # --- the exact answer -------------------------------------------------------------------
 
-    def full_scores(self, out: torch.Tensor, exclude: Exclusions | None = None) -> torch.Tensor:
-        """(M, n) fp32 scores over the catalogue; excluded items get -inf."""
+    def full_scores(
+        self, out: torch.Tensor, exclude: Exclusions | None = None, boost: Boost | None = None
+    ) -> torch.Tensor:
+        """(M, n) fp32 scores over the catalogue, boosted; excluded items get -inf."""
         scores = torch.addmm(self.bias, out, self.weights.t())
+        add_boost(scores, boost)
         mask_items(scores, exclude)
         return scores
 
@@ -244,10 +284,13 @@ class CatalogueRanker:
         targets: torch.Tensor | None = None,
         ties: str = "conservative",
         fast: bool = True,
+        boost: Boost | None = None,
     ) -> TopK:
         """Exact top-k of each row of ``out`` (M, H), and the targets' ranks when given.
 
         ``exclude`` lists, per row, items that may not be recommended (they score -inf).
+        ``boost`` adds to a few items per row; those are always rescored exactly (the cheap
+        pass leaves them out, so its bounds cover the unboosted items only).
         A target's rank is exact whenever it is within the top k, else k + 1.
         """
         k = min(k, self.n_items)
@@ -256,15 +299,30 @@ class CatalogueRanker:
             # product is cheap, and cuBLAS may reduce bf16 products in reduced precision, which
             # the bounds below do not cover: the fast pass is for CPUs only.
             if not fast or self.weights.device.type != "cpu":
-                return self._full_top_k(out, k, exclude, targets, ties)
+                return self._full_top_k(out, k, exclude, targets, ties, boost)
             m = min(k + (EXTRA_GEMV if self.uses_gemv(len(out)) else EXTRA_BATCH), self.n_items)
-            most_excluded = max((len(set(e)) for e in exclude), default=0) if exclude else 0
+            cheap_exclude = exclude
+            if boost is not None:  # boosted items skip the cheap pass: candidates by right
+                forced = [[j for j in row if j >= 0] for row in boost[0].tolist()]
+                cheap_exclude = [
+                    [*e, *f] for e, f in zip(exclude or [[]] * len(out), forced, strict=True)
+                ]
+            most_excluded = (
+                max((len(set(e)) for e in cheap_exclude), default=0) if cheap_exclude else 0
+            )
             if m >= self.n_items - most_excluded:
-                return self._full_top_k(out, k, exclude, targets, ties)
-            upper, cand = self._candidates(out, m, exclude)
+                return self._full_top_k(out, k, exclude, targets, ties, boost)
+            upper, cand = self._candidates(out, m, cheap_exclude)
+            if boost is not None:
+                cand = torch.cat((cand, boost[0].clamp_min(0)), 1)  # (M, m + L)
             idx = cand if targets is None else torch.cat((cand, targets.view(-1, 1)), 1)
             exact = torch.bmm(self.weights[idx], out.unsqueeze(2)).squeeze(2) + self.bias[idx]
-            cand_exact = exact[:, :m]
+            cand_exact = exact[:, : cand.shape[1]]
+            if boost is not None:
+                items_b, values_b = boost
+                cand_exact[:, m:] += values_b
+                cand_exact[:, m:].masked_fill_(items_b < 0, float("-inf"))
+                mask_items_at(cand_exact, cand, m, exclude)
             values, pos = torch.topk(cand_exact, k, dim=1)
             items = cand.gather(1, pos)
             # Every item outside the candidates scores at most the m-th bound.
@@ -272,11 +330,13 @@ class CatalogueRanker:
             ranks = None
             if targets is not None:
                 is_target = cand == targets.view(-1, 1)
+                if boost is not None:  # a padding column is no candidate, whatever its index
+                    is_target[:, m:] &= boost[0] >= 0
                 # A target among the candidates takes its candidate score: the same item in
                 # another column of the product may be summed in another order (a kernel's tail).
                 first = is_target.to(torch.int8).argmax(1, keepdim=True)
                 target_score = torch.where(
-                    is_target.any(1, keepdim=True), cand_exact.gather(1, first), exact[:, m : m + 1]
+                    is_target.any(1, keepdim=True), cand_exact.gather(1, first), exact[:, -1:]
                 )
                 if exclude:  # an excluded target cannot be recommended: a miss, as in full scoring
                     excluded = torch.tensor(
@@ -297,7 +357,8 @@ class CatalogueRanker:
             if len(rows):
                 sub = [exclude[i] for i in rows.tolist()] if exclude else None
                 sub_targets = None if targets is None else targets[rows]
-                full = self._full_top_k(out[rows], k, sub, sub_targets, ties)
+                sub_boost = None if boost is None else (boost[0][rows], boost[1][rows])
+                full = self._full_top_k(out[rows], k, sub, sub_targets, ties, sub_boost)
                 items[rows], values[rows] = full.items, full.scores
                 if ranks is not None and full.ranks is not None:
                     ranks[rows] = full.ranks
@@ -310,8 +371,9 @@ class CatalogueRanker:
         exclude: Exclusions | None,
         targets: torch.Tensor | None,
         ties: str,
+        boost: Boost | None = None,
     ) -> TopK:
-        return rank_scores(self.full_scores(out), k, exclude, targets, ties)
+        return rank_scores(self.full_scores(out), k, exclude, targets, ties, boost)
 
 
 def _padded(dim: int) -> int:

@@ -91,19 +91,19 @@ def test_no_import_goes_from_a_lower_layer_to_a_higher_one(graph: dict[str, set[
     assert upward == []
 
 
-def test_there_is_no_import_cycle(graph: dict[str, set[str]]) -> None:
-    # Tarjan's strongly connected components; any component of two or more is a cycle.
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of two or more modules: the import cycles."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
     on_stack: set[str] = set()
-    cycles: list[list[str]] = []
+    found: list[list[str]] = []
 
     def visit(node: str) -> None:
         index[node] = low[node] = len(index)
         stack.append(node)
         on_stack.add(node)
-        for nxt in graph[node]:
+        for nxt in sorted(graph.get(node, ())):
             if nxt not in index:
                 visit(nxt)
                 low[node] = min(low[node], low[nxt])
@@ -118,12 +118,16 @@ def test_there_is_no_import_cycle(graph: dict[str, set[str]]) -> None:
                 if top == node:
                     break
             if len(component) > 1:
-                cycles.append(sorted(component))
+                found.append(sorted(component))
 
     for node in sorted(graph):
         if node not in index:
             visit(node)
-    assert cycles == []
+    return found
+
+
+def test_there_is_no_import_cycle(graph: dict[str, set[str]]) -> None:
+    assert cycles(graph) == []
 
 
 def test_the_checker_sees_lazy_imports_and_cycles(tmp_path: Path) -> None:
@@ -136,6 +140,19 @@ def test_the_checker_sees_lazy_imports_and_cycles(tmp_path: Path) -> None:
     assert _imports(b, known) == {"recsys.core.errors", "recsys.core.atomic", "recsys.ranking"}
     assert _layer("recsys.serving.recommender") > _layer("recsys.model.gru4rec")
     assert _layer("pipelines.cli") > _layer("benchmarks.runner") > _layer("pipelines.train")
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_uses_relative_imports() -> None:
+    """The checker resolves absolute names only; a relative import would pass unseen."""
+    relative = [
+        f"{name}:{node.lineno}"
+        for name, path in _modules().items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]
+    assert relative == []
 
 
 def test_no_module_is_over_the_size_limit() -> None:

@@ -77,8 +77,11 @@ def test_loading_a_foreign_or_garbage_file_is_a_clear_error(tmp_path: Path) -> N
         lambda p: p.update(model_config={"layers": []}),  # a config that does not validate
         lambda p: p.pop("item_ids"),  # no item index
         lambda p: p.update(id_kind="str"),  # ids that are not what the file declares
+        lambda p: p.update(item_ids=5),  # an index that is no list
+        lambda p: p.update(support=["a"] * 10),  # supports that are no numbers
+        lambda p: p.update(item_ids=list(range(9))),  # fewer ids than the network scores
     ],
-    ids=["shape", "config", "no-index", "id-kind"],
+    ids=["shape", "config", "no-index", "id-kind", "ids-not-a-list", "bad-support", "short"],
 )
 def test_a_damaged_model_file_is_one_clear_error(
     tmp_path: Path, damage: Callable[[dict[str, Any]], None]
@@ -101,3 +104,22 @@ def test_a_directory_is_searched_for_its_model_file(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecsysError, match="no model.pt in this directory"):
         find_model_file(tmp_path / "empty")
+
+
+def test_a_model_file_written_before_the_artifact_type_still_loads(tmp_path: Path) -> None:
+    """Files of earlier versions carry no id kind, origin or (benchmark files) support."""
+    path = tmp_path / "old.pt"
+    network = GRU4Rec(4, ModelConfig(layers=[8]))
+    old = {
+        "format": "recsys-gru4rec",
+        "version": 1,
+        "n_items": 4,
+        "model_config": {"layers": [8]},
+        "state": {k: v.detach().clone() for k, v in network.state_dict().items()},
+        "item_ids": ["a", "b", "c", "d"],
+    }
+    torch.save(old, path)
+    loaded = TrainedModel.load(path)
+    assert loaded.items.id_kind == "str" and loaded.items.support == (1.0,) * 4
+    assert (loaded.dataset, loaded.data_fingerprint) == ("", "")
+    assert torch.equal(loaded.network.item_out, network.item_out)

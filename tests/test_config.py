@@ -145,7 +145,7 @@ def test_an_unknown_baseline_kind_is_rejected_naming_the_known_ones(tmp_path: Pa
         ({"train": {"learning_rate": True}}, "train.learning_rate: expected a number, got true"),
         ({"evaluation": {"exclude_seen": 1}}, "evaluation.exclude_seen: Input should be a valid"),
         ({"evaluation": {"exclude_seen": "no"}}, "evaluation.exclude_seen: Input should be a val"),
-        ({"registry": {"model_name": ""}}, "registry.model_name: String should have at least 1"),
+        ({"registry": {"model_name": ""}}, "registry.model_name: String should match pattern"),
     ],
 )
 def test_loose_values_are_not_coerced(
@@ -188,3 +188,24 @@ def test_typed_baseline_parameters_are_dumped_whole_and_quietly(tmp_path: Path) 
     assert params["evaluation.baselines.stan.kind"] == "stan"
     assert params["evaluation.baselines.stan.params.k"] == "500"
     assert params["evaluation.baselines.stan.params.lambda_snh"] == "5.0"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("registry", "model_name", "shop/gru@x"),  # would break models:/<name>@<alias>
+        ("train", "learning_rate", float("inf")),
+        ("train", "bpreg", float("nan")),
+        ("data.preparation", "test_days", float("inf")),
+    ],
+)
+def test_values_that_would_break_a_run_later_are_rejected_at_load(
+    tmp_path: Path, section: str, key: str, value: Any
+) -> None:
+    raw = tiny_config(tmp_path)
+    node = raw
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[key] = value
+    with pytest.raises(RecsysError, match=rf"{section}\.{key}"):
+        load_config(write_config(tmp_path / "c.yaml", raw))

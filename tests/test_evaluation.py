@@ -14,6 +14,7 @@ import torch
 
 from pipelines.prepare import prepare
 from recsys.config import ModelConfig, TrainConfig, config_from_dict
+from recsys.core.errors import RecsysError
 from recsys.data.batching import session_arrays
 from recsys.data.preparation import PreparedDataset, load_prepared
 from recsys.evaluation.baselines import make_baseline
@@ -258,3 +259,18 @@ def naive_evaluate(
         out[f"mrr@{k}"] = sum(1 / r for r in ranks if r <= k) / n
         out[f"ndcg@{k}"] = sum(1 / math.log2(r + 1) for r in ranks if r <= k) / n
     return out
+
+
+def test_evaluating_a_model_of_another_preparation_is_refused(tmp_path: Path) -> None:
+    """A re-prepare without a retrain: the old model's item indices mean other items now."""
+    from pipelines.evaluate import run_evaluate
+    from pipelines.prepare import run_prepare
+    from pipelines.train import run_train
+
+    raw = tiny_config(tmp_path, train={"epochs": 1, "max_steps": 20})
+    run_prepare(config_from_dict(raw), None)
+    run_train(config_from_dict(raw), None)
+    raw["data"]["preparation"]["min_item_support"] = 8
+    run_prepare(config_from_dict(raw), None)
+    with pytest.raises(RecsysError, match="trained on another preparation of the data"):
+        run_evaluate(config_from_dict(raw), None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,21 @@ def test_protocol_invariants(rows: list[Row], prep: PreparationConfig) -> None:
     for name in SPLITS:
         assert data.stats["splits"][name]["events"] == data.split(name).height
     assert data.stats["test_predictions"] == data.test.height - data.test[SESSION].n_unique()
+    for name in ("test", "valid"):
+        assert (data.stats["repeat_targets"][name], data.stats["last_item_targets"][name]) == (
+            repeat_shares_by_hand(sessions(data.split(name)).values())
+        ), name
+
+
+def repeat_shares_by_hand(clicks: Iterable[list[Any]]) -> tuple[float, float]:
+    """Of the next-item targets, the shares already in the prefix and equal to the last click."""
+    targets = seen = last = 0
+    for items in clicks:
+        for i in range(1, len(items)):
+            targets += 1
+            seen += items[i] in items[:i]
+            last += items[i] == items[i - 1]
+    return (round(seen / targets, 4), round(last / targets, 4)) if targets else (0.0, 0.0)
 
 
 @settings(max_examples=6, deadline=None, derandomize=True)
@@ -287,6 +303,21 @@ def test_consecutive_repeats_collapse_only_when_asked() -> None:
     assert sessions(deduped.train)[1] == [5, 6, 5]
     assert sessions(kept.test) == {3: [5, 6, 6]} and sessions(deduped.test) == {3: [5, 6]}
     assert deduped.stats["dropped"]["consecutive_repeats"] == 2
+
+
+def test_stats_give_the_share_of_targets_already_in_the_session() -> None:
+    # t_max = 60.4 h: test from 36.4 h, valid from 12.4 h; consecutive repeats kept.
+    rows = [(1, 5, 0), (1, 6, 0.1), (1, 7, 0.2), (1, 8, 0.3)]
+    rows += [(2, 5, 20), (2, 6, 20.1), (2, 5, 20.2), (2, 7, 20.3), (2, 5, 20.4)]
+    rows += [(3, 5, 40), (3, 5, 40.1), (3, 6, 40.2), (3, 5, 40.3)]
+    rows += [(4, 7, 60), (4, 8, 60.1), (4, 7, 60.2), (4, 7, 60.3), (4, 8, 60.4)]
+    data = prepare_events(frame(rows), prep(dedup_consecutive=False), "t")
+    assert sessions(data.valid) == {2: [5, 6, 5, 7, 5]}
+    assert sessions(data.test) == {3: [5, 5, 6, 5], 4: [7, 8, 7, 7, 8]}
+    # valid: 6 5 7 5 -> two of four in the prefix, none the last click.
+    # test: 5 6 5 | 8 7 7 8 -> five of seven in the prefix, two the last click (5 5, 7 7).
+    assert data.stats["repeat_targets"] == {"test": round(5 / 7, 4), "valid": 0.5}
+    assert data.stats["last_item_targets"] == {"test": round(2 / 7, 4), "valid": 0.0}
 
 
 def test_filters_repeat_until_nothing_changes() -> None:
@@ -391,6 +422,9 @@ def test_diginetica_reproduces_the_published_srgnn_split(
     assert (data.test.height, data.test[SESSION].n_unique()) == (76_821, 15_963)
     assert data.n_items == 43_097 and stats["items"] == 43_097
     assert stats["test_predictions"] == 60_858
+    # The repeat shares quoted for this split: 20.5 % already in the prefix, 9.1 % the last click.
+    assert stats["repeat_targets"]["test"] == 0.2051
+    assert stats["last_item_targets"]["test"] == 0.0914
     assert data.test[ITEM].n_unique() == 21_131
     # Upstream order is kept: train sessions in date order = file order.
     assert data.train[SESSION].unique(maintain_order=True).is_sorted()

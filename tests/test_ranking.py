@@ -122,7 +122,7 @@ def test_a_catalogue_of_ties_falls_back_to_full_scoring(
     assert torch.equal(got.scores, full(same, torch.zeros(N_ITEMS), out[:1]).topk(K).values)
 
 
-@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("rows", [2, 64])  # the int8 GEMV pass and the bf16 GEMM pass
 @pytest.mark.parametrize("ties", ["conservative", "standard", "median"])
 def test_excluded_targets_are_misses_on_both_passes(
     catalogue: tuple[torch.Tensor, torch.Tensor], rows: int, ties: str
@@ -156,3 +156,12 @@ def test_prefix_items_lists_each_prefix_once_session_major() -> None:
 
     sessions = [np.array([4, 5, 6]), np.array([7, 8])]
     assert prefix_items(sessions) == [[4], [4, 5], [7]]
+
+
+@pytest.mark.parametrize("ties", ["conservative", "standard", "median"])
+def test_an_excluded_target_is_a_miss_even_in_a_catalogue_smaller_than_k(ties: str) -> None:
+    scores = torch.tensor([[0.3, 0.1, 0.2, 0.9, 0.5]])
+    got = rank_scores(scores.clone(), 20, exclude=[[3, 1]], targets=torch.tensor([3]), ties=ties)
+    assert got.ranks is not None and got.ranks.tolist() == [6.0]  # k (= 5 items) + 1
+    kept = rank_scores(scores.clone(), 20, exclude=[[3, 1]], targets=torch.tensor([4]), ties=ties)
+    assert kept.ranks is not None and kept.ranks.tolist() == [1.0]

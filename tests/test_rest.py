@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -218,3 +219,26 @@ def test_the_server_stops_cleanly(server: Server) -> None:
     assert "Shutting down" in server.log.read_text()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{server.url}/ping", timeout=2)
+
+
+def test_serving_a_model_that_is_not_registered_is_one_clear_line(mlflow_store: str) -> None:
+    proc = run_cli("serve", "--model", "models:/nobody-registered-this@champion", "--port", "1")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: models:/nobody-registered-this@champion: no such registered model version; "
+        "run `recsys pipeline -c CONFIG` (or `recsys register`) first"
+    ]
+
+
+def test_serving_on_a_busy_port_is_one_clear_line(
+    trained: tuple[Any, Path], mlflow_store: str
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("serve", "--model", str(trained[1]), "--port", str(port))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot serve on 127.0.0.1:{port}: ")
+    assert "Traceback" not in proc.stdout + proc.stderr

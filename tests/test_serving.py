@@ -189,6 +189,29 @@ def test_fast_top_k_equals_the_full_ranking(
         )
 
 
+def test_new_weights_in_place_are_ranked_with_new_bounds(
+    trained: tuple[PreparedDataset, Path], sessions: list[list[int]]
+) -> None:
+    """A reload or warm start changes the weights under a live recommender: its certified
+    pass must not keep the old int8 bounds, which would certify a wrong top-k (items whose
+    scores rose would never become candidates)."""
+    served = TrainedModel.load(trained[1])
+    fast = SessionRecommender(served, fast_top_k=True)
+    before = fast.recommend(sessions[0], k=20)  # builds the cheap pass on the old weights
+    index = {item: i for i, item in enumerate(fast.item_ids)}
+    risen = [index[i] for i in fast.recommend(sessions[0], k=520).items[500:510]]
+    changed = {k: v.clone() for k, v in served.network.state_dict().items()}
+    best = index[before.items[0]]
+    scale = torch.linspace(2.0, 3.0, len(risen)).unsqueeze(1)  # distinct scores, no ties
+    changed["item_out"][risen] = scale * changed["item_out"][best].clone()
+    changed["item_bias"][risen] = changed["item_bias"][best].clone()
+    served.network.load_state_dict(changed)
+    plain = SessionRecommender(TrainedModel(served.network, served.items), fast_top_k=False)
+    expected = plain.recommend(sessions[0], k=20)
+    assert {index[i] for i in expected.items[:10]} == set(risen)  # the change matters
+    assert_same(fast.recommend(sessions[0], k=20), expected)
+
+
 def test_fast_top_k_falls_back_when_it_cannot_certify(
     trained: tuple[PreparedDataset, Path], sessions: list[list[int]]
 ) -> None:

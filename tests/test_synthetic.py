@@ -37,6 +37,20 @@ def _is_repeat() -> pl.Expr:
     return (same_session & (pl.col(ITEM).diff() == 0)).fill_null(False)
 
 
+def _is_revisit() -> pl.Expr:
+    """True on a click back to an item clicked earlier in the session, but not just before."""
+    return (pl.int_range(pl.len()).over(SESSION, ITEM) > 0) & ~_is_repeat()
+
+
+def _revisit_share(df: pl.DataFrame) -> float:
+    """Of the third and later clicks that are not consecutive repeats, the share of revisits
+    (the first two clicks cannot be one)."""
+    later = df.filter(pl.int_range(pl.len()).over(SESSION) >= 2, ~_is_repeat())
+    return df.filter(pl.int_range(pl.len()).over(SESSION) >= 2, _is_revisit()).height / (
+        later.height
+    )
+
+
 def _transitions(df: pl.DataFrame) -> pl.DataFrame:
     """(prev, item) pairs of consecutive clicks after removing repeats, as preparation does."""
     return (
@@ -186,6 +200,48 @@ def test_consecutive_repeats_exist_but_are_a_minority(clicks: pl.DataFrame) -> N
     )
 
 
+def test_revisits_off_by_default_draw_nothing(clicks: pl.DataFrame) -> None:
+    """With ``revisit_prob`` 0 the revisit step takes no random number: its other knob changes
+    nothing, and the default log has only the incidental revisits of the fresh clicks."""
+    assert SyntheticConfig().revisit_prob == 0.0
+    a = generate_clicks(SMALL)
+    assert a.equals(generate_clicks(SMALL.model_copy(update={"revisit_decay": 0.2})))
+    assert a.equals(generate_clicks(SMALL.model_copy(update={"revisit_prob": 0.0})))
+    assert _revisit_share(clicks) < 0.1
+
+
+def test_revisits_raise_non_consecutive_repeats_as_documented() -> None:
+    """docs/synthetic.md: of the later clicks that are not consecutive repeats, a share
+    q + (1 - q) * b are revisits, q = revisit_prob / (1 - repeat_prob), b the share without."""
+    config = SyntheticConfig(n_items=2_000, n_sessions=10_000, n_intents=20)
+    off = generate_clicks(config)
+    on = generate_clicks(config.model_copy(update={"revisit_prob": 0.3}))
+    b = _revisit_share(off)
+    q = 0.3 / (1 - config.repeat_prob)
+    assert abs(_revisit_share(on) - (q + (1 - q) * b)) < 0.03
+    assert _revisit_share(on) > _revisit_share(off) + 0.25
+    # A revisit is never the previous item: consecutive repeats stay what repeat_prob gives.
+    consecutive_off = off.select(_is_repeat().mean()).item()
+    assert on.select(_is_repeat().mean()).item() <= consecutive_off + 0.005
+    assert on.height == off.height  # lengths count every click, as before
+    _check_invariants(on, config)
+
+
+def test_revisits_favour_recent_items() -> None:
+    """``revisit_decay`` weighs the earlier clicks by recency: small, mostly the one two back."""
+
+    def two_back(decay: float) -> float:
+        df = generate_clicks(SMALL.model_copy(update={"revisit_prob": 0.3, "revisit_decay": decay}))
+        back = df.with_columns(pos=pl.int_range(pl.len()).over(SESSION)).with_columns(
+            back=pl.col("pos") - pl.col("pos").shift(1).over(SESSION, ITEM)
+        )
+        return back.filter(_is_revisit())["back"].eq(2).mean()  # type: ignore[return-value]
+
+    steep, flat = two_back(0.1), two_back(1.0)
+    assert steep > 0.75
+    assert flat < steep - 0.2
+
+
 def test_config_is_strict_and_frozen() -> None:
     with pytest.raises(ValidationError):
         SyntheticConfig(unknown_knob=1)  # type: ignore[call-arg]
@@ -195,6 +251,15 @@ def test_config_is_strict_and_frozen() -> None:
         SyntheticConfig(n_items=3, n_intents=5)
     with pytest.raises(ValidationError):
         SyntheticConfig(repeat_prob=1.0)
+    with pytest.raises(ValidationError, match="repeat_prob \\+ revisit_prob must be below 1"):
+        SyntheticConfig(repeat_prob=0.5, revisit_prob=0.5)
+    with pytest.raises(ValidationError):
+        SyntheticConfig(revisit_prob=1.0)
+    with pytest.raises(ValidationError):
+        SyntheticConfig(revisit_prob=-0.1)
+    with pytest.raises(ValidationError):
+        SyntheticConfig(revisit_decay=0.0)
+    assert SyntheticConfig(repeat_prob=0.5, revisit_prob=0.49).revisit_prob == 0.49
     config = SyntheticConfig()
     with pytest.raises(ValidationError):
         config.seed = 1  # type: ignore[misc]
@@ -217,6 +282,8 @@ def test_naive_start_is_utc_and_respected() -> None:
     max_len=st.integers(1, 30),
     probs=st.tuples(st.floats(0, 1), st.floats(0, 1)),
     repeat_prob=st.floats(0, 0.9),
+    revisit=st.floats(0, 0.99),
+    revisit_decay=st.floats(0.01, 1),
     days=st.floats(0.01, 40),
 )
 def test_invariants_hold_for_any_small_config(
@@ -227,6 +294,8 @@ def test_invariants_hold_for_any_small_config(
     max_len: int,
     probs: tuple[float, float],
     repeat_prob: float,
+    revisit: float,
+    revisit_decay: float,
     days: float,
 ) -> None:
     transition, jump = probs[0], probs[1] * (1 - probs[0])
@@ -239,6 +308,8 @@ def test_invariants_hold_for_any_small_config(
         transition_prob=transition,
         intent_jump_prob=jump,
         repeat_prob=repeat_prob,
+        revisit_prob=revisit * (1 - repeat_prob),
+        revisit_decay=revisit_decay,
         days=days,
     )
     _check_invariants(generate_clicks(config), config)

@@ -28,8 +28,9 @@ from recsys.config.baselines import (
     VSKNNParams,
     default_baselines,
 )
-from recsys.config.fields import Flag, Float, Int, MetricName, Section
+from recsys.config.fields import FiniteFloat, Flag, Float, Int, MetricName, Section
 from recsys.config.synthetic import SyntheticConfig
+from recsys.config.tune import TuneConfig, search_space
 from recsys.core.errors import RecsysError
 from recsys.core.metrics import parse_metric
 
@@ -53,6 +54,7 @@ __all__ = [
     "SourceConfig",
     "SourceFormat",
     "TrainConfig",
+    "TuneConfig",
     "VSKNNParams",
     "baseline_config",
     "config_from_dict",
@@ -88,7 +90,7 @@ class SourceConfig(Section):
     timestamp_unit: Literal["s", "ms", "us", "ns", "datetime"] = "s"
     separator: str | None = None
     # Formats without sessions (RetailRocket, Rees46) or with long ones (Coveo) are cut here.
-    session_gap_minutes: Annotated[Float, Field(gt=0)] = 60.0
+    session_gap_minutes: Annotated[FiniteFloat, Field(gt=0)] = 60.0
     synthetic: SyntheticConfig | None = None
 
     @model_validator(mode="after")
@@ -121,7 +123,7 @@ class PreparationConfig(Section):
     iterate_filters: Flag = True
     # "time": split at t_max - test_days (or at split_time); "given": keep the reader's split column.
     split: Literal["time", "given"] = "time"
-    test_days: Annotated[Float, Field(gt=0)] = 1.0
+    test_days: Annotated[FiniteFloat, Field(gt=0)] = 1.0
     split_time: str | None = None
     # For "given" splits without timestamps: share of the last train sessions used as `valid`.
     valid_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.08
@@ -141,6 +143,10 @@ class ModelConfig(Section):
     embedding_dim: Annotated[Int, Field(ge=0)] = 0  # separate mode; 0 = size of the first layer
     dropout_embed: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     dropout_hidden: Annotated[Float, Field(ge=0, lt=1)] = 0.0
+    # gru4rec: catalogue scores only (the published model); repeat: plus a learned bonus for the
+    # session's own last `repeat_window` items (recsys/model/readout.py)
+    readout: Literal["gru4rec", "repeat"] = "gru4rec"
+    repeat_window: Annotated[Int, Field(ge=1, le=200)] = 10
 
     @field_validator("layers")
     @classmethod
@@ -162,14 +168,14 @@ class TrainConfig(Section):
     loss: Literal["cross-entropy", "bpr-max", "top1-max"] = "cross-entropy"
     batch_size: Annotated[Int, Field(ge=1)] = 32
     epochs: Annotated[Int, Field(ge=1)] = 5
-    learning_rate: Annotated[Float, Field(gt=0)] = 0.05
+    learning_rate: Annotated[FiniteFloat, Field(gt=0)] = 0.05
     momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     n_sample: Annotated[Int, Field(ge=0)] = 2048
     sample_alpha: Annotated[Float, Field(ge=0, le=1)] = 0.5
     sample_store_size: Annotated[Int, Field(ge=0)] = 10_000_000
     logq: Annotated[Float, Field(ge=0, le=1)] = 0.0
-    bpreg: Annotated[Float, Field(ge=0)] = 1.0
-    elu_param: Annotated[Float, Field(ge=0)] = 0.5
+    bpreg: Annotated[FiniteFloat, Field(ge=0)] = 1.0
+    elu_param: Annotated[FiniteFloat, Field(ge=0)] = 0.5
     seed: Int = 42
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # bf16: the step's matrix products take bfloat16 operands (recsys/model/matmul.py), ~2.4x
@@ -187,6 +193,32 @@ class TrainConfig(Section):
     early_stopping: EarlyStoppingConfig | None = None
 
 
+class FusionConfig(Section):
+    """Fusions of GRU4Rec as extra rows of the results table (recsys/evaluation/fusion.py);
+    each weight is chosen on valid (a GRU4Rec trained on train_tr) by ``registry.metric``."""
+
+    # GRU4Rec + w·log(1 + count in the session): the weights to try; empty = no such row
+    bonus_weights: list[Annotated[FiniteFloat, Field(ge=0)]] = []
+    # a late fusion with this configured baseline (e.g. stan); None = no such row
+    hybrid_baseline: str | None = None
+    hybrid_weights: list[Annotated[FiniteFloat, Field(ge=0, le=1)]] = [
+        0.0,
+        0.1,
+        0.2,
+        0.3,
+        0.4,
+        0.5,
+        0.6,
+        0.7,
+        0.8,
+        0.9,
+    ]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bonus_weights) or self.hybrid_baseline is not None
+
+
 class EvaluationConfig(Section):
     cutoffs: list[Annotated[Int, Field(ge=1)]] = [1, 5, 10, 20]
     ties: Literal["conservative", "standard", "median"] = "conservative"
@@ -194,12 +226,26 @@ class EvaluationConfig(Section):
     exclude_seen: Flag = False
     coverage_k: Annotated[Int, Field(ge=1)] = 20
     baselines: dict[str, BaselineConfig] = Field(default_factory=default_baselines)
+    fusion: FusionConfig = FusionConfig()
+
+    @model_validator(mode="after")
+    def _hybrid_has_its_baseline(self) -> EvaluationConfig:
+        wanted = self.fusion.hybrid_baseline
+        if wanted is not None and wanted not in self.baselines:
+            raise ValueError(
+                f"fusion.hybrid_baseline {wanted!r} is not among evaluation.baselines "
+                f"({', '.join(self.baselines) or 'none configured'})"
+            )
+        if self.fusion.hybrid_baseline is not None and not self.fusion.hybrid_weights:
+            raise ValueError("fusion.hybrid_weights needs at least one weight")
+        return self
 
 
 class RegistryConfig(Section):
     # The gate: a new version becomes champion if it beats the champion on this test metric.
     metric: MetricName = "mrr@20"
-    model_name: Annotated[str, Field(min_length=1)] | None = None  # default gru4rec-<name>
+    # default gru4rec-<name>; a name that fits in a models:/<name>@<alias> URI
+    model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] | None = None
 
 
 class Config(Section):
@@ -210,6 +256,12 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _tune_space_fits(self) -> Config:
+        search_space(self.tune, {"model": self.model, "train": self.train})  # names a bad key
+        return self
 
     @model_validator(mode="after")
     def _gate_is_evaluated(self) -> Config:
@@ -219,6 +271,15 @@ class Config(Section):
             raise ValueError(
                 f"registry.metric: {metric!r} is never computed, its cut-off {k} is not among "
                 f"evaluation.cutoffs {list(self.evaluation.cutoffs)}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_session_bonus(self) -> Config:
+        if self.evaluation.fusion.bonus_weights and self.model.readout == "repeat":
+            raise ValueError(
+                "evaluation.fusion.bonus_weights: the fixed session bonus is a fusion of the "
+                "plain model; with model.readout: repeat the network learns its own bonus"
             )
         return self
 
@@ -239,6 +300,11 @@ class Config(Section):
     def model_file(self) -> Path:
         """The trained-model artifact (``recsys.model.artifact.TrainedModel``)."""
         return self.model_dir / MODEL_FILE
+
+    @property
+    def valid_model_file(self) -> Path:
+        """GRU4Rec trained on train_tr, for choices made on valid (the fusion weights)."""
+        return self.model_dir / "model-train_tr.pt"
 
     @property
     def checkpoint_dir(self) -> Path:

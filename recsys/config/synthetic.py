@@ -35,6 +35,9 @@ class SyntheticConfig(BaseModel):
     successor_decay: Annotated[float, Field(gt=0, le=1)] = 0.6  # weight ratio of successor k+1 to k
     successor_popularity_exponent: Annotated[float, Field(ge=0)] = 0.5  # successors ~ pop**this
     repeat_prob: Annotated[float, Field(ge=0, lt=1)] = 0.06  # per click: repeat the previous item
+    # per click: return to an item clicked earlier in the session, not the previous one
+    revisit_prob: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    revisit_decay: Annotated[float, Field(gt=0, le=1)] = 0.7  # weight ratio, one click further back
     gap_median_seconds: Annotated[float, Field(gt=0)] = 40.0  # median think-time between clicks
     gap_sigma: Annotated[float, Field(ge=0)] = 1.2  # lognormal sigma of think-times
 
@@ -47,6 +50,9 @@ class SyntheticConfig(BaseModel):
     def _check(self) -> SyntheticConfig:
         if self.transition_prob + self.intent_jump_prob > 1 + 1e-12:
             raise ValueError("transition_prob + intent_jump_prob must be at most 1")
+        if self.repeat_prob + self.revisit_prob >= 1:
+            # the other clicks (successor, intent, popular) need some probability left
+            raise ValueError("repeat_prob + revisit_prob must be below 1")
         if self.n_intents > self.n_items:
             raise ValueError("n_intents must not exceed n_items (every intent needs an item)")
         return self

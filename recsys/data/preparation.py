@@ -19,6 +19,7 @@ import polars as pl
 
 from recsys.config import PreparationConfig
 from recsys.core.atomic import atomic_directory, write_json
+from recsys.core.fingerprint import digest
 from recsys.core.errors import RecsysError, first_line
 from recsys.core.progress import step
 from recsys.data.schema import (
@@ -46,7 +47,7 @@ from recsys.data.splits import (
     time_split,
 )
 
-PREPARATION_VERSION = 2  # bump when the protocol changes, so cached outputs are redone
+PREPARATION_VERSION = 3  # bump when the protocol or stats.json change: cached outputs are redone
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,25 @@ def _summary(events: pl.DataFrame) -> dict[str, Any]:
             "mean": round(float(lengths.mean() or 0), 4),
         },
     }
+
+
+def repeat_target_shares(events: pl.DataFrame) -> tuple[float, float]:
+    """Of a split's next-item targets (every click but a session's first), the share whose item
+    is already in the session prefix, and the share that is the item just clicked.
+
+    How repeat-heavy a log is decides whether the session's own items beat the catalogue (S-POP
+    against GRU4Rec), so it is reported with the data. Rows must be in session-time order.
+    """
+    targets = events.height - events[SESSION].n_unique()
+    if targets == 0:
+        return 0.0, 0.0
+    seen, last = events.select(
+        (pl.int_range(pl.len()).over(SESSION, ITEM) > 0).sum(),
+        ((pl.col(ITEM) == pl.col(ITEM).shift(1)) & (pl.col(SESSION) == pl.col(SESSION).shift(1)))
+        .fill_null(False)
+        .sum(),
+    ).row(0)
+    return round(seen / targets, 4), round(last / targets, 4)
 
 
 def sort_events(events: pl.LazyFrame) -> pl.LazyFrame:
@@ -265,6 +285,9 @@ def prepare_events(events: pl.LazyFrame, prep: PreparationConfig, origin: str) -
         "test_predictions": int(splits[TEST].height - splits[TEST][SESSION].n_unique()),
         "valid_predictions": int(splits[VALID].height - splits[VALID][SESSION].n_unique()),
     }
+    shares = {name: repeat_target_shares(splits[name]) for name in (TEST, VALID)}
+    stats["repeat_targets"] = {name: seen for name, (seen, _) in shares.items()}
+    stats["last_item_targets"] = {name: last for name, (_, last) in shares.items()}
     if not stats["timestamps"]:
         for summary in stats["splits"].values():
             summary.pop("time_min", None)
@@ -290,11 +313,8 @@ def write_prepared(
 
 def data_fingerprint(directory: Path) -> str:
     """Content hash of a prepared dataset's Parquet files (the MLflow data tag)."""
-    h = hashlib.sha256()
-    for name in (TRAIN, TEST, TRAIN_TR, VALID):
-        h.update((directory / split_file(name)).read_bytes())
-    h.update((directory / ITEMS_FILE).read_bytes())
-    return h.hexdigest()[:16]
+    files = [*(split_file(name) for name in (TRAIN, TEST, TRAIN_TR, VALID)), ITEMS_FILE]
+    return digest((directory / name).read_bytes() for name in files)
 
 
 def load_prepared(directory: Path) -> PreparedDataset:

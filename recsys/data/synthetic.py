@@ -7,7 +7,8 @@ intent items have a few preferred, *directed* successors (a -> b often, b -> a r
 last-item or recurrent model can learn those transitions; popularity and co-occurrence capture
 them only in part. Session lengths, repeat clicks, a daily traffic cycle and lognormal
 think-times between clicks make the preparation steps (de-duplication, length and support
-filters, time split) do real work.
+filters, time split) do real work. Optional revisits (a click back to an item seen earlier in
+the session) make repeat-heavy logs, where the session's own items are the best guess.
 
 Everything is vectorised with numpy over sessions; the only Python loop is over click positions
 (at most ``max_session_length`` steps, each touching only the sessions still running).
@@ -16,8 +17,6 @@ Everything is vectorised with numpy over sessions; the only Python loop is over 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Annotated
 
 import numpy as np
 import polars as pl
@@ -108,6 +107,30 @@ def _successor_table(
     return succ.reshape(n, k)
 
 
+def _earlier_items(
+    items: np.ndarray, start: np.ndarray, t: int, decay: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """For sessions at click position ``t`` (``start``: their first row), an item clicked before
+    the previous click, and whether there was one.
+
+    Position ``j`` is drawn with weight ``decay ** (t - 1 - j)`` (recency: the click two back
+    weighs most) among the positions whose item is not the previous click's, so the revisit is
+    never a consecutive duplicate; an item clicked twice weighs twice. Weights are taken relative
+    to each session's nearest eligible click, so a long run of one item cannot underflow them.
+    """
+    window = items[start[:, None] + np.arange(t)]  # positions 0..t-1; t-1 is the previous click
+    eligible = window[:, :-1] != window[:, -1:]
+    found = eligible.any(axis=1)
+    eligible = eligible[found]
+    distance = np.arange(t - 1, 0, -1)  # clicks back from the previous one: t-1 .. 1
+    nearest = np.where(eligible, distance, t).min(axis=1, keepdims=True)
+    cum = np.cumsum(np.where(eligible, decay ** np.maximum(distance - nearest, 0), 0.0), axis=1)
+    total = cum[:, -1]
+    u = np.minimum(rng.random(len(total)) * total, np.nextafter(total, 0))
+    picked = (cum <= u[:, None]).sum(axis=1)  # first position whose cumulative weight exceeds u
+    return window[found, :-1][np.arange(len(picked)), picked], found
+
+
 def generate_clicks(config: SyntheticConfig) -> pl.DataFrame:
     """The synthetic click log: ``session_id``, ``item_id`` (raw ids), ``timestamp`` (ms, UTC).
 
@@ -150,19 +173,33 @@ def generate_clicks(config: SyntheticConfig) -> pl.DataFrame:
     # Process positions in order; sorting sessions by length makes the live ones a prefix.
     by_length = np.argsort(-lengths, kind="stable")
     live_count = np.searchsorted(-lengths[by_length], -np.arange(1, lengths.max()), side="left")
+    p_repeat, p_revisit = config.repeat_prob, config.revisit_prob
     for t, n_live in enumerate(live_count, start=1):
         live = by_length[:n_live]
         pos = offsets[live] + t
         prev = items[pos - 1]
         switch = rng.random(n_live) < config.intent_switch_prob
         intent[live[switch]] = intent_of[popular(int(switch.sum()))]
+        # One uniform splits the click: [0, repeat) repeat, [repeat, repeat + revisit) revisit,
+        # the rest a fresh click; each part rescaled to [0, 1) is the uniform of what follows.
         r = rng.random(n_live)
-        is_repeat = r < config.repeat_prob
-        r = (r - config.repeat_prob) / (1 - config.repeat_prob)  # fresh uniform for the rest
+        is_repeat = r < p_repeat
+        u = (r - p_repeat - p_revisit) / (1 - p_repeat - p_revisit)
         nxt = prev.copy()
-        follow = ~is_repeat & (r < config.transition_prob)
-        jump = ~is_repeat & ~follow & (r < config.transition_prob + config.intent_jump_prob)
-        wander = ~is_repeat & ~follow & ~jump
+        fresh = ~is_repeat
+        back = np.flatnonzero(fresh & (r < p_repeat + p_revisit))  # empty when p_revisit == 0
+        if back.size:
+            # Without an earlier item other than the previous one, a revisit is a fresh click.
+            u[back] = (r[back] - p_repeat) / p_revisit
+            if t >= 2:
+                earlier, found = _earlier_items(
+                    items, offsets[live[back]], t, config.revisit_decay, rng
+                )
+                nxt[back[found]] = earlier
+                fresh[back[found]] = False
+        follow = fresh & (u < config.transition_prob)
+        jump = fresh & ~follow & (u < config.transition_prob + config.intent_jump_prob)
+        wander = fresh & ~follow & ~jump
         k = np.searchsorted(succ_cdf, rng.random(int(follow.sum())), side="right")
         nxt[follow] = successors[prev[follow], np.minimum(k, config.n_successors - 1)]
         nxt[jump] = in_intent.draw(intent[live[jump]], rng)

@@ -12,8 +12,8 @@ from recsys.evaluation.scorer import SessionScorer
 from recsys.model.artifact import TrainedModel
 from recsys.model.gru4rec import GRU4Rec
 from recsys.ranking import (
-    FAST_MIN_ITEMS,
     CatalogueRanker,
+    fast_by_default,
     next_item_targets,
     prefix_items,
     ranker_for,
@@ -45,7 +45,8 @@ class GRU4RecScorer(SessionScorer):
 
     def score_sessions(self, sessions: Sequence[np.ndarray]) -> torch.Tensor:
         with torch.inference_mode():
-            return self.ranker.full_scores(self.model.session_outputs(sessions))
+            out = self.model.session_outputs(sessions)
+            return self.ranker.full_scores(out, boost=self.model.session_boosts(out, sessions))
 
     def rank_sessions(
         self, sessions: Sequence[np.ndarray], ties: str, top_k: int, exclude_seen: bool = False
@@ -53,17 +54,19 @@ class GRU4RecScorer(SessionScorer):
         """Exact ranks (up to ``top_k``) at low-precision speed: see ``recsys.ranking``."""
         fast = self.fast_ranking
         if fast is None:
-            fast = self.n_items >= FAST_MIN_ITEMS
+            fast = fast_by_default(self.n_items)
         with torch.inference_mode():
             out = self.model.session_outputs(sessions)  # (N, H)
             targets = next_item_targets(sessions, out.device)
             exclude = prefix_items(sessions) if exclude_seen else None
+            boost = self.model.session_boosts(out, sessions)
             result = self.ranker.top_k(
-                out, top_k, exclude=exclude, targets=targets, ties=ties, fast=fast
+                out, top_k, exclude=exclude, targets=targets, ties=ties, fast=fast, boost=boost
             )
             assert result.ranks is not None
             return result.ranks.cpu(), result.items.cpu()
 
     def score_next(self, prefixes: Sequence[np.ndarray]) -> torch.Tensor:
         with torch.inference_mode():
-            return self.ranker.full_scores(self.model.last_outputs(prefixes))
+            out = self.model.last_outputs(prefixes)
+            return self.ranker.full_scores(out, boost=self.model.prefix_boosts(out, prefixes))

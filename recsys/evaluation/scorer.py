@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from recsys.ranking import next_item_targets, prefix_items, rank_scores
+from recsys.ranking import next_item_targets, prefix_items, proper_prefixes, rank_scores
 
 
 class SessionScorer(ABC):
@@ -37,7 +37,7 @@ class SessionScorer(ABC):
         Row for session s, position t scores the next item after ``s[: t + 1]``; its target is
         ``s[t + 1]``. Models with incremental state override this to avoid re-reading prefixes.
         """
-        prefixes = [s[: t + 1] for s in sessions for t in range(len(s) - 1)]
+        prefixes = proper_prefixes(sessions)
         if not prefixes:
             return torch.empty(0, self.n_items)
         return self.score_next(prefixes)

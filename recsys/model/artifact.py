@@ -7,7 +7,6 @@ knows the file's layout. The file holds tensors and plain values only, so it loa
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from recsys.config import MODEL_FILE, ModelConfig
 from recsys.core.atomic import atomic_path
 from recsys.core.errors import RecsysError, first_line
+from recsys.core.fingerprint import digest
 from recsys.data.schema import ITEM, ITEM_IDX, SUPPORT
 from recsys.model.gru4rec import GRU4Rec
 
@@ -119,25 +119,24 @@ class TrainedModel:
             config = ModelConfig.model_validate(payload["model_config"])
             network = GRU4Rec(int(payload["n_items"]), config)
             network.load_state_dict(payload["state"])
-        except Exception as exc:  # noqa: BLE001 - a wrong shape or config is a damaged file
+            items = ItemIndex.of(payload["item_ids"], payload.get("support"))
+            if payload.get("id_kind", items.id_kind) != items.id_kind:
+                raise RecsysError("the item ids are not of the kind the file declares")
+            return cls(
+                network.eval(),
+                items,
+                str(payload.get("dataset") or ""),
+                str(payload.get("data_fingerprint") or ""),
+            )
+        except Exception as exc:  # noqa: BLE001 - a wrong shape, config or index: a damaged file
             raise RecsysError(
                 f"{path}: the model file is damaged ({first_line(exc, 200)})"
             ) from None
-        network.eval()
-        items = ItemIndex.of(payload["item_ids"], payload.get("support"))
-        if payload.get("id_kind", items.id_kind) != items.id_kind:
-            raise RecsysError(f"{path}: the item ids are not of the kind the file declares")
-        return cls(
-            network,
-            items,
-            str(payload.get("dataset", "")),
-            str(payload.get("data_fingerprint", "")),
-        )
 
 
 def file_fingerprint(path: Path) -> str:
     """The first 16 hex digits of the file's SHA-256."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return digest([Path(path).read_bytes()])
 
 
 def find_model_file(path: Path) -> Path:

@@ -23,6 +23,8 @@ from torch import nn
 from recsys.config import ModelConfig
 from recsys.core.errors import RecsysError
 from recsys.model.matmul import linear
+from recsys.model.readout import RepeatReadout, recent_items
+from recsys.ranking import proper_prefixes
 
 
 def _uniform(
@@ -84,6 +86,11 @@ class GRU4Rec(nn.Module):
             )  # (3H, H)
             self.b_ih.append(nn.Parameter(torch.zeros(3 * h)))
             self.b_hh.append(nn.Parameter(torch.zeros(3 * h)))
+        # Created last and without random draws: readout off is the published model, weight
+        # for weight (same seed, same state dict).
+        self.readout = (
+            RepeatReadout(out_dim, config.repeat_window) if config.readout == "repeat" else None
+        )
 
     # --- the recurrent step -----------------------------------------------------------------
 
@@ -92,10 +99,11 @@ class GRU4Rec(nn.Module):
         return self.item_out if self.item_in is None else self.item_in
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        """GRU weights: updated densely. Item matrices are excluded (row-sparse updates)."""
-        return [
+        """GRU (and readout) weights: updated densely. Item matrices are excluded (row-sparse)."""
+        dense = [
             p for group in (self.w_ih, self.w_hh, self.b_ih, self.b_hh) for p in group if p.numel()
         ]
+        return dense + (list(self.readout.parameters()) if self.readout is not None else [])
 
     def init_hidden(self, batch: int) -> list[torch.Tensor]:
         device = self.item_out.device
@@ -226,6 +234,23 @@ class GRU4Rec(nn.Module):
         padded, lengths = pad_sessions(sessions)
         device = self.item_out.device
         return self.prediction_outputs(padded.to(device), lengths.to(device))
+
+    @torch.inference_mode()
+    def prefix_boosts(
+        self, out: torch.Tensor, prefixes: Sequence[np.ndarray]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The readout's bonus for each prefix's own items (what a ranking adds to the catalogue
+        scores), for outputs ``out`` (M, H) after those prefixes; None without a readout."""
+        if self.readout is None:
+            return None
+        history = recent_items(prefixes, self.readout.window).to(out.device)
+        return self.readout.boost(out, history)
+
+    def session_boosts(
+        self, out: torch.Tensor, sessions: Sequence[np.ndarray]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``prefix_boosts`` for every proper prefix of every session (``session_outputs``)."""
+        return self.prefix_boosts(out, proper_prefixes(sessions))
 
 
 def pad_sessions(sessions: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

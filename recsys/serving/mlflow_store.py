@@ -122,3 +122,22 @@ def log_pyfunc(model_file: Path, example_sessions: Sequence[list[Any]]) -> Any:
         pip_requirements=PIP_REQUIREMENTS,
         model_config={"k": DEFAULT_K},
     )
+
+
+def download_model(uri: str, dest: Path) -> Path:
+    """Fetch a registered model's weights from MLflow (the pyfunc's ``model`` artifact)."""
+    import mlflow
+
+    from recsys.config import MODEL_FILE
+    from recsys.model.artifact import find_model_file
+
+    connect()
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except Exception as exc:  # noqa: BLE001 - unknown name/alias, unreachable store
+        raise RecsysError(f"could not load {uri} from MLflow: {first_line(exc)}") from None
+    try:
+        return find_model_file(local)
+    except RecsysError:
+        raise RecsysError(f"{uri}: the MLflow model has no {MODEL_FILE} artifact") from None

@@ -57,12 +57,9 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def _k(params: dict[str, Any], default: int) -> int:
-    value = params.get("k", default)
-    if hasattr(value, "item"):  # a numpy integer from MLflow's params schema
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RecsysError(f"params.k must be a positive integer, got {value!r}")
-    return value
+    from recsys.serving.recommender import positive_k  # torch: only once a model is loaded
+
+    return positive_k(params.get("k", default), "params.k")
 
 
 class GRU4RecPyfunc(PythonModel):

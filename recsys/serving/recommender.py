@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys.config import MODEL_FILE
-from recsys.core.errors import RecsysError, first_line
+from recsys.core.errors import RecsysError
 from recsys.model.artifact import TrainedModel, find_model_file, plain_id
 from recsys.model.gru4rec import GRU4Rec
-from recsys.ranking import FAST_MIN_ITEMS, ranker_for
+from recsys.ranking import CatalogueRanker, fast_by_default, ranker_for
 
 POPULAR = "popular"
 
@@ -75,6 +74,13 @@ def _normalise_id(value: Any, numeric: bool) -> Any:
     return str(value)
 
 
+def positive_k(k: Any, name: str = "k") -> int:
+    """A top-k size from any caller (Python, numpy, a JSON body): a positive integer or an error."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise RecsysError(f"{name} must be a positive integer, got {k!r}")
+    return int(k)
+
+
 def set_threads(threads: int | None) -> None:
     """Set torch's intra-op threads for this process (``None`` or 0 leaves the default).
 
@@ -99,13 +105,16 @@ class SessionRecommender:
         self.n_items = len(self.item_ids)
         # Popularity is the same for every fallback: rank the catalogue once.
         self._pop_scores, self._pop_order = torch.sort(self.support, descending=True, stable=True)
-        # Exact top-k with a certified low-precision first pass (recsys.ranking);
-        # None = on for catalogues of FAST_MIN_ITEMS items or more (below, fp32 is as fast).
-        self.fast_top_k = self.n_items >= FAST_MIN_ITEMS if fast_top_k is None else fast_top_k
+        # Exact top-k with a certified low-precision first pass (recsys.ranking); None = by size.
+        self.fast_top_k = fast_by_default(self.n_items) if fast_top_k is None else fast_top_k
         self.fast_stats = {"certified": 0, "fallback": 0}
-        self.ranker = ranker_for(self.model.item_out, self.model.item_bias, self.model)
         if self.fast_top_k and self.n_items:
             self.ranker.prepare(gemv=True)  # one session's pass: built now, not on a request
+
+    @property
+    def ranker(self) -> CatalogueRanker:
+        """The network's ranker, looked up per call: it is rebuilt when the weights change."""
+        return ranker_for(self.model.item_out, self.model.item_bias, self.model)
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -121,8 +130,10 @@ class SessionRecommender:
         set_threads(threads)
         text = str(uri)
         if text.startswith(("models:/", "runs:/")):
+            from recsys.serving.mlflow_store import download_model
+
             with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
-                return cls(TrainedModel.load(_download_model(text, Path(tmp))), fast_top_k)
+                return cls(TrainedModel.load(download_model(text, Path(tmp))), fast_top_k)
         return cls(TrainedModel.load(find_model_file(Path(text))), fast_top_k)
 
     # --- the id mapping ---------------------------------------------------------------------
@@ -150,10 +161,17 @@ class SessionRecommender:
         )
 
     def ranked(
-        self, outputs: torch.Tensor, k: int, seen: Sequence[Sequence[int]] | None = None
+        self,
+        outputs: torch.Tensor,
+        k: int,
+        prefixes: Sequence[Sequence[int]],
+        exclude_seen: bool = False,
     ) -> list[tuple[list[Any], list[float]]]:
-        """Exact top-k of GRU outputs (B, H) as original ids; ``seen[i]`` items are left out."""
-        result = self.ranker.top_k(outputs, k, exclude=seen, fast=self.fast_top_k)
+        """Exact top-k of GRU outputs (B, H) after ``prefixes`` (item indices) as original ids;
+        ``exclude_seen`` leaves each prefix's own items out."""
+        boost = self.model.prefix_boosts(outputs, [np.asarray(p, dtype=np.int64) for p in prefixes])
+        seen = list(prefixes) if exclude_seen else None
+        result = self.ranker.top_k(outputs, k, exclude=seen, fast=self.fast_top_k, boost=boost)
         if self.fast_top_k:
             self.fast_stats["certified"] += result.certified
             self.fast_stats["fallback"] += len(outputs) - result.certified
@@ -176,9 +194,7 @@ class SessionRecommender:
         self, sessions: Sequence[Sequence[Any]], k: int = 20, exclude_seen: bool = False
     ) -> list[Recommendation]:
         """Top-k for many sessions in one batched GRU pass and one catalogue pass."""
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise RecsysError(f"k must be a positive integer, got {k!r}")
-        k = int(k)
+        k = positive_k(k)
         mapped = [self.to_indices(s) for s in sessions]
         known_rows = [i for i, (known, _) in enumerate(mapped) if known]
         ranked: dict[int, tuple[list[Any], list[float]]] = {}
@@ -186,8 +202,8 @@ class SessionRecommender:
             with torch.inference_mode():
                 prefixes = [np.asarray(mapped[i][0], dtype=np.int64) for i in known_rows]
                 last = self.model.last_outputs(prefixes)  # (B, H)
-            seen = [mapped[i][0] for i in known_rows] if exclude_seen else None
-            ranked = dict(zip(known_rows, self.ranked(last, k, seen), strict=True))
+            known = [mapped[i][0] for i in known_rows]
+            ranked = dict(zip(known_rows, self.ranked(last, k, known, exclude_seen), strict=True))
         out: list[Recommendation] = []
         for i, (_, unknown) in enumerate(mapped):
             if i in ranked:
@@ -276,8 +292,7 @@ class LiveSessions:
         self, session_id: Hashable, item: Any, k: int = 20, exclude_seen: bool = False
     ) -> Recommendation:
         """Record a click and return the next-item recommendations for that session."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise RecsysError(f"k must be a positive integer, got {k!r}")
+        k = positive_k(k)
         model = self.rec.model
         known, unknown = self.rec.to_indices([item])
         with self._lock:
@@ -297,30 +312,13 @@ class LiveSessions:
             self._states[session_id] = state
             self._evict(now)
             output = state.output
-            seen = list(state.seen) if exclude_seen else None
+            seen = list(state.seen)
         if output is None:
             return self.rec.popular(k, unknown)
-        ids, vals = self.rec.ranked(output, k, [seen] if seen is not None else None)[0]
+        ids, vals = self.rec.ranked(output, k, [seen], exclude_seen)[0]
         return Recommendation(ids, vals, unknown)
 
     def end(self, session_id: Hashable) -> None:
         """Forget a session now (the user left); unknown ids are ignored."""
         with self._lock:
             self._states.pop(session_id, None)
-
-
-def _download_model(uri: str, dest: Path) -> Path:
-    """Fetch a registered model's weights from MLflow (the pyfunc's ``model`` artifact)."""
-    from recsys.serving.mlflow_store import connect
-
-    connect()
-    import mlflow
-
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    except Exception as exc:  # noqa: BLE001 - unknown name/alias, unreachable store
-        raise RecsysError(f"could not load {uri} from MLflow: {first_line(exc)}") from None
-    try:
-        return find_model_file(local)
-    except RecsysError:
-        raise RecsysError(f"{uri}: the MLflow model has no {MODEL_FILE} artifact") from None

@@ -31,8 +31,10 @@ from recsys.model.kernels import native_kernels
 from recsys.model.losses import bpr_max, cross_entropy, top1_max
 from recsys.model.matmul import bf16_is_native, linear, use_bf16
 from recsys.model.optimizer import RowAdagradM
+from recsys.model.readout import NO_ITEM, push
 from recsys.model.sampling import SampleStore
 from recsys.training.allocator import retain_freed_memory
+from recsys.training.repeat_step import repeat_train_step
 
 CHECKPOINT = "last.pt"
 CHECK_EVERY = 50  # steps between reading losses back (divergence check, progress bar)
@@ -117,9 +119,18 @@ class Trainer:
         return top1_max(scores)
 
     def train_step(
-        self, inputs: torch.Tensor, targets: torch.Tensor, hidden: list[torch.Tensor]
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        hidden: list[torch.Tensor],
+        history: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One click per slot: loss, backward, row-sparse and dense updates. ``history`` (B, L):
+        each slot's last items, current input first (the repeat readout's input)."""
         model = self.model
+        if model.readout is not None:
+            assert history is not None
+            return repeat_train_step(self, inputs, targets, hidden, history)
         b = len(targets)
         samples = self.sampler.draw()
         out_idx = torch.cat((targets, samples))  # (B + n_sample,)
@@ -169,6 +180,11 @@ class Trainer:
         model = self.model
         model.train()
         hidden = model.init_hidden(min(cfg.batch_size, max(1, data.n_sessions)))
+        history = None  # each slot's last items, for the repeat readout
+        if model.readout is not None:
+            history = torch.full(
+                (len(hidden[0]), model.readout.window), NO_ITEM, device=self.device
+            )
         total = 0.0  # summed per-event loss of the steps checked so far
         pending: list[torch.Tensor] = []  # step losses not yet read back to the host
         events = 0
@@ -180,14 +196,20 @@ class Trainer:
                 if step.keep is not None:
                     keep = torch.from_numpy(step.keep).to(self.device)
                     hidden = [h.index_select(0, keep) for h in hidden]
+                    if history is not None:
+                        history = history.index_select(0, keep)
                 if step.reset.any():
                     hidden = reset_slots(hidden, step.reset, self.device)
+                    if history is not None:
+                        history[torch.from_numpy(step.reset).to(self.device)] = NO_ITEM
                 b = len(step.targets)
                 if cfg.n_sample == 0 and b < 2:
                     break  # no negative left to rank against (only one session remains)
                 inputs = torch.from_numpy(step.inputs).to(self.device)
                 targets = torch.from_numpy(step.targets).to(self.device)
-                loss, hidden = self.train_step(inputs, targets, hidden)
+                if history is not None:
+                    history = push(history, inputs)
+                loss, hidden = self.train_step(inputs, targets, hidden, history)
                 pending.append(loss)
                 events += b
                 steps += 1

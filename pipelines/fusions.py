@@ -1,0 +1,68 @@
+"""The fusion rows of the evaluate step: weights chosen on valid, then one look at test.
+
+Each fusion is fitted twice: on train_tr (GRU4Rec from ``Config.valid_model_file``, the
+baseline refitted there) to pick its weight on ``valid``, then with the models of full train
+(the ones of the GRU4Rec and baseline rows) for the test row. Test never picks anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recsys.config import Config
+from recsys.core.metrics import Metric, parse_metric
+from recsys.core.progress import step
+from recsys.data.preparation import PreparedDataset
+from recsys.evaluation.baselines import make_baseline
+from recsys.evaluation.fusion import HybridScorer, SessionBonusScorer, choose_weight
+from recsys.evaluation.gru4rec import GRU4RecScorer
+from recsys.evaluation.harness import EvaluationResult, evaluate
+from recsys.evaluation.scorer import SessionScorer
+from recsys.model.artifact import TrainedModel
+
+BONUS = "gru4rec-bonus"
+HYBRID = "gru4rec-{}"  # with the baseline's name
+
+
+def fusion_results(
+    config: Config,
+    data: PreparedDataset,
+    gru: GRU4RecScorer,
+    fitted: dict[str, SessionScorer],
+    kwargs: dict[str, Any],
+) -> list[tuple[EvaluationResult, dict[str, Any]]]:
+    """Each configured fusion's test result and what was chosen for it (weight, valid metric)."""
+    fusion = config.evaluation.fusion
+    metric = parse_metric(config.registry.metric)
+    on_tr = GRU4RecScorer(TrainedModel.load(config.valid_model_file).network)
+    out: list[tuple[EvaluationResult, dict[str, Any]]] = []
+    if fusion.bonus_weights:
+        with step(f"{BONUS}: choosing its weight on valid"):
+            w, tried = choose_weight(
+                lambda w: SessionBonusScorer(on_tr.model, w, on_tr.fast_ranking),
+                data.valid,
+                fusion.bonus_weights,
+                metric,
+            )
+        result = evaluate(SessionBonusScorer(gru.model, w), data.test, name=BONUS, **kwargs)
+        out.append((result, _chosen(w, tried, metric)))
+    if fusion.hybrid_baseline is not None:
+        name = fusion.hybrid_baseline
+        spec = config.evaluation.baselines[name]
+        label = HYBRID.format(name)
+        with step(f"{label}: fitting {name} on train_tr, choosing the weight on valid"):
+            knn_tr = make_baseline(spec.kind, data.n_items, spec.params).fit(data.train_tr)
+            w, tried = choose_weight(
+                lambda w: HybridScorer(on_tr, knn_tr, w), data.valid, fusion.hybrid_weights, metric
+            )
+        result = evaluate(HybridScorer(gru, fitted[name], w), data.test, name=label, **kwargs)
+        out.append((result, _chosen(w, tried, metric)))
+    return out
+
+
+def _chosen(weight: float, tried: dict[float, float], metric: Metric) -> dict[str, Any]:
+    return {
+        "weight": weight,
+        f"valid_{metric}": round(tried[weight], 4),
+        "weights_tried": len(tried),
+    }

@@ -1,0 +1,98 @@
+"""The fusion rows: weights chosen on valid (never test), scored through the shared ranker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+import pipelines.fusions as fusions
+from pipelines.evaluate import run_evaluate
+from pipelines.prepare import run_prepare
+from pipelines.train import run_train
+from recsys.config import ModelConfig, config_from_dict
+from recsys.core.errors import RecsysError
+from recsys.data.preparation import load_prepared
+from recsys.evaluation.fusion import SessionBonusScorer, count_boost
+from recsys.evaluation.gru4rec import GRU4RecScorer
+from recsys.evaluation.harness import evaluate
+from recsys.training.trainer import train_gru4rec
+from tests.conftest import tiny_config
+from tests.helpers import deterministic_log, small_train_config
+
+
+def test_count_boost_is_the_weighted_log_count_of_each_prefix_item() -> None:
+    items, values = count_boost([np.array([4, 2, 4, 4]), np.array([7])], weight=2.0)
+    assert items.tolist() == [[2, 4], [7, -1]]
+    np.testing.assert_allclose(values.numpy(), [[2 * np.log(2), 2 * np.log(4)], [2 * np.log(2), 0]])
+
+
+def test_a_zero_bonus_is_gru4rec_and_a_bonus_lifts_exactly_the_session_items() -> None:
+    log = deterministic_log(n_items=30, n_sessions=400)
+    model = train_gru4rec(log, 30, ModelConfig(layers=[16]), small_train_config()).model
+    test = log.head(400)
+    plain = evaluate(GRU4RecScorer(model), test, show_progress=False).metrics
+    assert evaluate(SessionBonusScorer(model, 0.0), test, show_progress=False).metrics == plain
+    prefixes = [np.array([3, 5, 3]), np.array([8])]
+    lifted = SessionBonusScorer(model, 1.5).score_next(prefixes) - GRU4RecScorer(model).score_next(
+        prefixes
+    )
+    expected = np.zeros((2, 30), dtype=np.float32)
+    expected[0, 3], expected[0, 5], expected[1, 8] = (
+        1.5 * np.log(3),
+        1.5 * np.log(2),
+        1.5 * np.log(2),
+    )
+    np.testing.assert_allclose(lifted.numpy(), expected, atol=1e-5)
+
+
+def test_fusion_rows_choose_their_weights_on_valid_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = tiny_config(
+        tmp_path,
+        train={"epochs": 1, "max_steps": 40},
+        evaluation={
+            "baselines": {"pop": {"kind": "pop"}, "stan": {"kind": "stan"}},
+            "fusion": {"bonus_weights": [0.0, 1.0], "hybrid_baseline": "stan"},
+        },
+    )
+    config = config_from_dict(raw)
+    run_prepare(config, None)
+    run_train(config, None)
+    assert config.valid_model_file.is_file()  # the train_tr model the weights are chosen with
+    data = load_prepared(config.prepared_dir)
+    seen: list[pl.DataFrame] = []
+    original = fusions.choose_weight
+
+    def spy(make: Any, valid: pl.DataFrame, *args: Any, **kw: Any) -> Any:
+        seen.append(valid)
+        return original(make, valid, *args, **kw)
+
+    monkeypatch.setattr(fusions, "choose_weight", spy)
+    rows = {r["model"]: r for r in run_evaluate(config, None, force=True)["rows"]}
+    assert len(seen) == 2 and all(frame.equals(data.valid) for frame in seen)
+    assert rows["gru4rec-bonus"]["weight"] in (0.0, 1.0)
+    assert 0.0 <= rows["gru4rec-stan"]["weight"] <= 0.9
+    assert rows["gru4rec-stan"]["weights_tried"] == 10
+    assert rows["gru4rec-bonus"]["predictions"] == rows["gru4rec"]["predictions"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"evaluation": {"fusion": {"hybrid_baseline": "nope"}}}, "'nope' is not among"),
+        (
+            {"model": {"readout": "repeat"}, "evaluation": {"fusion": {"bonus_weights": [1.0]}}},
+            "fixed session bonus is a fusion of the plain model",
+        ),
+    ],
+)
+def test_fusion_settings_that_cannot_run_are_refused_at_load(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(RecsysError, match=message):
+        config_from_dict(tiny_config(tmp_path, **change))

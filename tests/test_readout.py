@@ -1,0 +1,153 @@
+"""The repeat readout (model.readout: repeat): off is the published model, its gradient is the
+analytic one, it trains with every loss, and every scoring path ranks with it alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.config import ModelConfig
+from recsys.evaluation.gru4rec import GRU4RecScorer
+from recsys.model.artifact import ItemIndex, TrainedModel
+from recsys.model.gru4rec import GRU4Rec
+from recsys.model.readout import NO_ITEM, RepeatReadout, distinct_history, push, recent_items
+from recsys.ranking import CatalogueRanker, rank_scores
+from recsys.serving.recommender import SessionRecommender
+from recsys.training.trainer import train_gru4rec
+from tests.helpers import deterministic_log, small_train_config
+
+
+def test_readout_off_is_the_published_network_weight_for_weight() -> None:
+    plain = GRU4Rec(50, ModelConfig(layers=[16, 8], embedding="separate"), seed=3)
+    with_readout = GRU4Rec(
+        50, ModelConfig(layers=[16, 8], embedding="separate", readout="repeat"), seed=3
+    )
+    assert plain.readout is None
+    readout_keys = {k for k in with_readout.state_dict() if k.startswith("readout.")}
+    assert readout_keys == {"readout.gate_w", "readout.gate_b", "readout.decay_logit"}
+    for name, tensor in plain.state_dict().items():  # no random draw moved
+        assert torch.equal(tensor, with_readout.state_dict()[name]), name
+    assert len(with_readout.dense_parameters()) == len(plain.dense_parameters()) + 3
+
+
+def test_the_bonus_and_its_gradient_against_finite_differences() -> None:
+    readout = RepeatReadout(4, window=3).double()
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    history = torch.tensor([[5, 2, 5], [7, NO_ITEM, NO_ITEM]])
+    items = torch.tensor([5, 2, 7, 9])
+
+    def bonus(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        params = {"gate_w": w, "gate_b": b, "decay_logit": d}
+        return torch.func.functional_call(readout, params, (out, history, items))
+
+    params = [
+        torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True),
+        torch.randn(1, generator=gen, dtype=torch.float64, requires_grad=True),
+        torch.randn(1, generator=gen, dtype=torch.float64, requires_grad=True),
+    ]
+    # by hand: gate · log(1 + Σ λ^age), item 5 at ages 0 and 2, item 2 at age 1
+    got = bonus(out, *params).detach()
+    with torch.no_grad():
+        lam = torch.sigmoid(params[2])[0]
+        gate = torch.nn.functional.softplus(out @ params[0] + params[1])
+    torch.testing.assert_close(got[0, 0], gate[0] * torch.log1p(1 + lam**2))
+    torch.testing.assert_close(got[0, 1], gate[0] * torch.log1p(lam))
+    assert float(got[0, 3]) == 0.0 and float(got[1, 2]) == pytest.approx(float(gate[1] * np.log(2)))
+    assert torch.autograd.gradcheck(bonus, (out, *params))
+
+
+def test_history_helpers_keep_the_most_recent_position_of_each_item() -> None:
+    history = push(torch.tensor([[3, 4, NO_ITEM]]), torch.tensor([4]))
+    assert history.tolist() == [[4, 3, 4]]
+    assert distinct_history(history).tolist() == [[4, 3, NO_ITEM]]
+    prefixes = [np.array([1, 2, 3, 4]), np.array([9])]
+    assert recent_items(prefixes, 3).tolist() == [[4, 3, 2], [9, NO_ITEM, NO_ITEM]]
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max", "top1-max"])
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+def test_the_readout_trains_with_every_loss(loss: str, kernels: str) -> None:
+    log = deterministic_log(n_items=30, n_sessions=300)
+    cfg = small_train_config(loss=loss, kernels=kernels, logq=1.0 if loss == "cross-entropy" else 0)
+    model_cfg = ModelConfig(layers=[16], readout="repeat", repeat_window=4)
+    result = train_gru4rec(log, 30, model_cfg, cfg)
+    readout = result.model.readout
+    assert readout is not None
+    assert all(np.isfinite(r["loss"]) for r in result.history)
+    learned = float(readout.gate_w.detach().abs().sum()) + abs(float(readout.gate_b.detach()) + 3)
+    assert learned > 0  # the readout's parameters moved
+    again = train_gru4rec(log, 30, model_cfg, cfg)  # same seed, same weights
+    for a, b in zip(result.model.parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def repeat_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainedModel, Path]:
+    log = deterministic_log(n_items=40, n_sessions=400)
+    model_cfg = ModelConfig(layers=[16], readout="repeat", repeat_window=5)
+    network = train_gru4rec(log, 40, model_cfg, small_train_config()).model
+    with torch.no_grad():  # a gate that matters, whatever the short training learned
+        network.readout.gate_b.fill_(1.5)  # type: ignore[union-attr]
+    trained = TrainedModel(network, ItemIndex.of(list(range(1000, 1040))))
+    path = tmp_path_factory.mktemp("readout") / "model.pt"
+    trained.save(path)
+    return trained, path
+
+
+def test_every_scoring_path_ranks_with_the_readout_alike(
+    repeat_model: tuple[TrainedModel, Path],
+) -> None:
+    trained, path = repeat_model
+    network = trained.network
+    sessions = [np.array(s) for s in ([3, 7, 3, 9, 7], [1, 2], [5, 5, 6, 30, 31, 5])]
+    scorer = GRU4RecScorer(network, fast_ranking=False)
+    full = scorer.score_sessions(sessions)  # (N, n)
+    prefixes = [s[: t + 1] for s in sessions for t in range(len(s) - 1)]
+    torch.testing.assert_close(scorer.score_next(prefixes), full, rtol=0, atol=1e-5)
+    with torch.inference_mode():
+        outs = network.session_outputs(sessions)
+        plain = torch.addmm(network.item_bias, outs, network.item_out.t())
+    assert bool((full - plain >= -1e-6).all())  # a bonus, never a malus
+    assert float((full - plain).max()) > 0.1  # and it moved something
+    for fast in (False, True):
+        ranks, top = GRU4RecScorer(network, fast_ranking=fast).rank_sessions(
+            sessions, "standard", 5
+        )
+        assert torch.equal(top, torch.topk(full, 5, dim=1).indices)
+    served = SessionRecommender(TrainedModel.load(path), fast_top_k=False)
+    live = served.live()
+    for i, prefix in enumerate(prefixes):
+        ids = [1000 + int(j) for j in prefix]
+        expected = [1000 + j for j in torch.topk(full[i], 5).indices.tolist()]
+        assert served.recommend(ids, k=5).items == expected
+        assert served.recommend_batch([ids, ids[:1]], k=5)[0].items == expected
+    for t, item in enumerate(sessions[0][:-1]):
+        assert live.click("s", 1000 + int(item), k=5).items == [
+            1000 + j for j in torch.topk(full[t], 5).indices.tolist()
+        ]
+
+
+def test_the_certified_pass_with_boosts_equals_full_scoring() -> None:
+    gen = torch.Generator().manual_seed(1)
+    weights = torch.randn(9000, 32, generator=gen) * 0.3
+    bias = torch.randn(9000, generator=gen) * 0.1
+    ranker = CatalogueRanker(weights, bias)
+    out = torch.tanh(weights[torch.randint(0, 9000, (64,), generator=gen)] * 3)
+    items = torch.randint(0, 9000, (64, 6), generator=gen)
+    items[:, 4:] = NO_ITEM
+    values = torch.rand(64, 6, generator=gen) * 3
+    boost = (distinct_history(items), values)
+    targets = items[:, 0]
+    for rows in (slice(0, 2), slice(0, 64)):  # the int8 pass and the bf16 pass
+        part = (boost[0][rows], boost[1][rows])
+        got = ranker.top_k(out[rows], 20, targets=targets[rows], boost=part)
+        scores = torch.addmm(bias, out[rows], weights.t())
+        expected = rank_scores(scores, 20, targets=targets[rows], boost=part)
+        assert got.ranks is not None and expected.ranks is not None
+        assert torch.equal(got.ranks, expected.ranks)
+        torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=1e-5)
+        assert got.certified > 0.9 * len(got.items)
