@@ -22,6 +22,7 @@ from recsys.model.matmul import linear
 from recsys.model.optimizer import RowAdagradM
 from recsys.model.readout import NO_ITEM, distinct_history
 from recsys.model.sampling import SampleStore
+from recsys.training.leaves import step_rows
 
 
 class Trainer(Protocol):
@@ -53,19 +54,14 @@ def repeat_train_step(
     b, window = history.shape
     samples = trainer.sampler.draw()
     out_idx = torch.cat((targets, samples))  # (C,) = (B + n_sample,)
-    if model.mode == "shared":
-        rows, inv = torch.unique(torch.cat((inputs, out_idx)), return_inverse=True)
-        item_rows = model.item_out.detach().index_select(0, rows).requires_grad_()  # (U, H)
-        x = item_rows.index_select(0, inv[:b])
-        out_rows, out_inv = rows, inv[b:]
-        in_rows = in_table = None
-    else:
-        out_rows, out_inv = torch.unique(out_idx, return_inverse=True)
-        item_rows = model.item_out.detach().index_select(0, out_rows).requires_grad_()
-        in_rows, in_inv = torch.unique(inputs, return_inverse=True)
-        in_table = model.item_in.detach().index_select(0, in_rows).requires_grad_()  # type: ignore[union-attr]
-        x = in_table.index_select(0, in_inv)
-    bias_rows = model.item_bias.detach().index_select(0, out_rows).requires_grad_()
+    leaves = step_rows(model, inputs, out_idx)
+    x, item_rows, bias_rows = leaves.x, leaves.item_rows, leaves.bias_rows
+    out_rows, out_inv, in_rows, in_table = (
+        leaves.out_rows,
+        leaves.out_inv,
+        leaves.in_rows,
+        leaves.in_table,
+    )
 
     # The slot's own items as extra columns, each once, and only where no other column scores
     # the same item already (the target included: it is the positive, not a negative).

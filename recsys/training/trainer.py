@@ -34,6 +34,7 @@ from recsys.model.optimizer import RowAdagradM
 from recsys.model.readout import NO_ITEM, push
 from recsys.model.sampling import SampleStore
 from recsys.training.allocator import retain_freed_memory
+from recsys.training.leaves import step_rows
 from recsys.training.repeat_step import repeat_train_step
 
 CHECKPOINT = "last.pt"
@@ -134,19 +135,14 @@ class Trainer:
         b = len(targets)
         samples = self.sampler.draw()
         out_idx = torch.cat((targets, samples))  # (B + n_sample,)
-        if model.mode == "shared":
-            rows, inv = torch.unique(torch.cat((inputs, out_idx)), return_inverse=True)
-            item_rows = model.item_out.detach().index_select(0, rows).requires_grad_()  # (U, H)
-            x = item_rows.index_select(0, inv[:b])  # (B, H)
-            out_rows, out_inv = rows, inv[b:]
-            in_rows = None
-        else:
-            out_rows, out_inv = torch.unique(out_idx, return_inverse=True)
-            item_rows = model.item_out.detach().index_select(0, out_rows).requires_grad_()
-            in_rows, in_inv = torch.unique(inputs, return_inverse=True)
-            in_table = model.item_in.detach().index_select(0, in_rows).requires_grad_()  # type: ignore[union-attr]
-            x = in_table.index_select(0, in_inv)
-        bias_rows = model.item_bias.detach().index_select(0, out_rows).requires_grad_()
+        leaves = step_rows(model, inputs, out_idx)
+        x, item_rows, bias_rows = leaves.x, leaves.item_rows, leaves.bias_rows
+        out_rows, out_inv, in_rows, in_table = (
+            leaves.out_rows,
+            leaves.out_inv,
+            leaves.in_rows,
+            leaves.in_table,
+        )
         out, hidden = model.step(x, hidden, train=True, bf16=self.bf16, kernels=self.kernels)
         # Score each distinct row once, then spread the columns: gathering (B, U) scores is far
         # cheaper than gathering (B + n_sample, H) item vectors, forward and backward.
