@@ -23,7 +23,7 @@ from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import evaluate
 from recsys.evaluation.scorer import SessionScorer
 from recsys.model.gru4rec import GRU4Rec
-from recsys.ranking import Boost, fast_by_default, next_item_targets, prefix_items, proper_prefixes
+from recsys.ranking import Boost
 
 
 def count_boost(prefixes: Sequence[np.ndarray], weight: float) -> Boost:
@@ -45,31 +45,8 @@ class SessionBonusScorer(GRU4RecScorer):
         super().__init__(model, fast_ranking)
         self.weight = weight
 
-    def score_next(self, prefixes: Sequence[np.ndarray]) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.model.last_outputs(prefixes)
-            return self.ranker.full_scores(out, boost=count_boost(prefixes, self.weight))
-
-    def score_sessions(self, sessions: Sequence[np.ndarray]) -> torch.Tensor:
-        return self.score_next(proper_prefixes(sessions))
-
-    def rank_sessions(
-        self, sessions: Sequence[np.ndarray], ties: str, top_k: int, exclude_seen: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        fast = fast_by_default(self.n_items) if self.fast_ranking is None else self.fast_ranking
-        with torch.inference_mode():
-            out = self.model.session_outputs(sessions)
-            result = self.ranker.top_k(
-                out,
-                top_k,
-                exclude=prefix_items(sessions) if exclude_seen else None,
-                targets=next_item_targets(sessions, out.device),
-                ties=ties,
-                fast=fast,
-                boost=count_boost(proper_prefixes(sessions), self.weight),
-            )
-        assert result.ranks is not None
-        return result.ranks.cpu(), result.items.cpu()
+    def boost(self, out: torch.Tensor, prefixes: Sequence[np.ndarray]) -> Boost:
+        return count_boost(prefixes, self.weight)
 
 
 class HybridScorer(SessionScorer):

@@ -12,10 +12,12 @@ from recsys.evaluation.scorer import SessionScorer
 from recsys.model.artifact import TrainedModel
 from recsys.model.gru4rec import GRU4Rec
 from recsys.ranking import (
+    Boost,
     CatalogueRanker,
     fast_by_default,
     next_item_targets,
     prefix_items,
+    proper_prefixes,
     ranker_for,
 )
 
@@ -43,10 +45,15 @@ class GRU4RecScorer(SessionScorer):
         """The network's catalogue ranker (cached on it by ``recsys.ranking.ranker_for``)."""
         return ranker_for(self.model.item_out, self.model.item_bias, self.model)
 
+    def boost(self, out: torch.Tensor, prefixes: Sequence[np.ndarray]) -> Boost | None:
+        """What the ranking adds to the catalogue scores after each prefix: the network's
+        repeat readout (None without one); a fusion overrides this one method."""
+        return self.model.prefix_boosts(out, prefixes)
+
     def score_sessions(self, sessions: Sequence[np.ndarray]) -> torch.Tensor:
         with torch.inference_mode():
             out = self.model.session_outputs(sessions)
-            return self.ranker.full_scores(out, boost=self.model.session_boosts(out, sessions))
+            return self.ranker.full_scores(out, boost=self.boost(out, proper_prefixes(sessions)))
 
     def rank_sessions(
         self, sessions: Sequence[np.ndarray], ties: str, top_k: int, exclude_seen: bool = False
@@ -59,7 +66,7 @@ class GRU4RecScorer(SessionScorer):
             out = self.model.session_outputs(sessions)  # (N, H)
             targets = next_item_targets(sessions, out.device)
             exclude = prefix_items(sessions) if exclude_seen else None
-            boost = self.model.session_boosts(out, sessions)
+            boost = self.boost(out, proper_prefixes(sessions))
             result = self.ranker.top_k(
                 out, top_k, exclude=exclude, targets=targets, ties=ties, fast=fast, boost=boost
             )
@@ -69,4 +76,4 @@ class GRU4RecScorer(SessionScorer):
     def score_next(self, prefixes: Sequence[np.ndarray]) -> torch.Tensor:
         with torch.inference_mode():
             out = self.model.last_outputs(prefixes)
-            return self.ranker.full_scores(out, boost=self.model.prefix_boosts(out, prefixes))
+            return self.ranker.full_scores(out, boost=self.boost(out, prefixes))

@@ -24,7 +24,6 @@ from recsys.config import ModelConfig
 from recsys.core.errors import RecsysError
 from recsys.model.matmul import linear
 from recsys.model.readout import RepeatReadout, recent_items
-from recsys.ranking import proper_prefixes
 
 
 def _uniform(
@@ -237,7 +236,7 @@ class GRU4Rec(nn.Module):
 
     @torch.inference_mode()
     def prefix_boosts(
-        self, out: torch.Tensor, prefixes: Sequence[np.ndarray]
+        self, out: torch.Tensor, prefixes: Sequence[Sequence[int]]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The readout's bonus for each prefix's own items (what a ranking adds to the catalogue
         scores), for outputs ``out`` (M, H) after those prefixes; None without a readout."""
@@ -245,12 +244,6 @@ class GRU4Rec(nn.Module):
             return None
         history = recent_items(prefixes, self.readout.window).to(out.device)
         return self.readout.boost(out, history)
-
-    def session_boosts(
-        self, out: torch.Tensor, sessions: Sequence[np.ndarray]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``prefix_boosts`` for every proper prefix of every session (``session_outputs``)."""
-        return self.prefix_boosts(out, proper_prefixes(sessions))
 
 
 def pad_sessions(sessions: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,10 +45,13 @@ class RepeatReadout(nn.Module):
 
     def recency(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Σ_t λ^age [history_t = item] for every row's ``items`` (B, C), or shared items (C,)."""
-        ages = torch.arange(history.shape[1], device=history.device, dtype=torch.float32)
-        weights = torch.sigmoid(self.decay_logit) ** ages  # (L,)
         cand = items.unsqueeze(0) if items.dim() == 1 else items
-        match = history.unsqueeze(2) == cand.unsqueeze(1)  # (B, L, C)
+        return self.counted(history.unsqueeze(2) == cand.unsqueeze(1))  # match (B, L, C)
+
+    def counted(self, match: torch.Tensor) -> torch.Tensor:
+        """Σ_t λ^age over the history positions that match: (B, L, C) booleans -> (B, C)."""
+        ages = torch.arange(match.shape[1], device=match.device, dtype=torch.float32)
+        weights = torch.sigmoid(self.decay_logit) ** ages  # (L,)
         return torch.einsum("blc,l->bc", match.to(weights.dtype), weights)
 
     def bonus(self, out: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -76,7 +79,7 @@ def distinct_history(history: torch.Tensor) -> torch.Tensor:
     return history.masked_fill(repeated, NO_ITEM)
 
 
-def recent_items(prefixes: Sequence[np.ndarray], window: int) -> torch.Tensor:
+def recent_items(prefixes: Sequence[Sequence[int]], window: int) -> torch.Tensor:
     """The last ``window`` items of each prefix, most recent first, NO_ITEM-padded: (M, L)."""
     out = np.full((len(prefixes), window), NO_ITEM, dtype=np.int64)
     for i, p in enumerate(prefixes):

@@ -169,7 +169,7 @@ class SessionRecommender:
     ) -> list[tuple[list[Any], list[float]]]:
         """Exact top-k of GRU outputs (B, H) after ``prefixes`` (item indices) as original ids;
         ``exclude_seen`` leaves each prefix's own items out."""
-        boost = self.model.prefix_boosts(outputs, [np.asarray(p, dtype=np.int64) for p in prefixes])
+        boost = self.model.prefix_boosts(outputs, prefixes)  # None, at no cost, without a readout
         seen = list(prefixes) if exclude_seen else None
         result = self.ranker.top_k(outputs, k, exclude=seen, fast=self.fast_top_k, boost=boost)
         if self.fast_top_k:

@@ -22,7 +22,7 @@ from recsys.model.matmul import linear
 from recsys.model.optimizer import RowAdagradM
 from recsys.model.readout import NO_ITEM, distinct_history
 from recsys.model.sampling import SampleStore
-from recsys.training.leaves import step_rows
+from recsys.training.leaves import apply_updates, step_rows
 
 
 class Trainer(Protocol):
@@ -55,13 +55,6 @@ def repeat_train_step(
     samples = trainer.sampler.draw()
     out_idx = torch.cat((targets, samples))  # (C,) = (B + n_sample,)
     leaves = step_rows(model, inputs, out_idx)
-    x, item_rows, bias_rows = leaves.x, leaves.item_rows, leaves.bias_rows
-    out_rows, out_inv, in_rows, in_table = (
-        leaves.out_rows,
-        leaves.out_inv,
-        leaves.in_rows,
-        leaves.in_table,
-    )
 
     # The slot's own items as extra columns, each once, and only where no other column scores
     # the same item already (the target included: it is the positive, not a negative).
@@ -72,12 +65,13 @@ def repeat_train_step(
     hist_rows = model.item_out.detach().index_select(0, kept).requires_grad_()  # (K, H)
     hist_bias = model.item_bias.detach().index_select(0, kept).requires_grad_()
 
-    out, hidden = model.step(x, hidden, train=True, bf16=trainer.bf16, kernels=trainer.kernels)
-    ages = torch.arange(window, device=out.device, dtype=torch.float32)
-    weights = torch.sigmoid(readout.decay_logit) ** ages  # (L,)
+    out, hidden = model.step(
+        leaves.x, hidden, train=True, bf16=trainer.bf16, kernels=trainer.kernels
+    )
     gate = readout.gate(out).unsqueeze(1)  # (B, 1)
-    recency = torch.einsum("blc,l->bc", match.to(weights.dtype), weights)  # (B, C)
-    scores = linear(out, item_rows, bias_rows, trainer.bf16).index_select(1, out_inv)
+    recency = readout.counted(match)  # (B, C)
+    scores = linear(out, leaves.item_rows, leaves.bias_rows, trainer.bf16)
+    scores = scores.index_select(1, leaves.out_inv)
     scores = scores + gate * torch.log1p(recency)  # (B, C)
     row_of = keep.nonzero()[:, 0]  # (K,) the slot of each kept history column
     kept_scores = (hist_rows * out[row_of]).sum(1) + hist_bias  # (K,)
@@ -89,25 +83,10 @@ def repeat_train_step(
     loss = _loss(trainer, all_scores, out_idx, hist_items, keep) / cfg.batch_size
     loss.backward()
 
-    opt = trainer.optimizer
-    dense = model.dense_parameters()
-    opt.dense_all(
-        [f"dense{i}" for i in range(len(dense))],
-        dense,
-        [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense],
-    )
-    for p in dense:
-        p.grad = None
-    # A history row may also be an output row: one update per row, with the summed gradient.
-    rows_all, row_inv = torch.unique(torch.cat((out_rows, kept)), return_inverse=True)
-    grad_out = torch.zeros(len(rows_all), item_rows.shape[1], device=out.device)
-    grad_out.index_add_(0, row_inv, torch.cat((item_rows.grad, hist_rows.grad)))  # type: ignore[arg-type]
-    grad_bias = torch.zeros(len(rows_all), device=out.device)
-    grad_bias.index_add_(0, row_inv, torch.cat((bias_rows.grad, hist_bias.grad)))  # type: ignore[arg-type]
-    opt.rows("item_out", model.item_out, rows_all, grad_out)
-    opt.rows("item_bias", model.item_bias, rows_all, grad_bias)
-    if in_rows is not None and in_table is not None:
-        opt.rows("item_in", model.item_in, in_rows, in_table.grad)  # type: ignore[arg-type]
+    # no kept history column in the whole batch: no gradient reached those (empty) leaves
+    hist_grad = hist_rows.grad if hist_rows.grad is not None else torch.zeros_like(hist_rows)
+    bias_grad = hist_bias.grad if hist_bias.grad is not None else torch.zeros_like(hist_bias)
+    apply_updates(trainer.optimizer, model, leaves, (kept, hist_grad, bias_grad))
     return loss.detach(), [h.detach() for h in hidden]
 
 

@@ -34,7 +34,7 @@ from recsys.model.optimizer import RowAdagradM
 from recsys.model.readout import NO_ITEM, push
 from recsys.model.sampling import SampleStore
 from recsys.training.allocator import retain_freed_memory
-from recsys.training.leaves import step_rows
+from recsys.training.leaves import apply_updates, step_rows
 from recsys.training.repeat_step import repeat_train_step
 
 CHECKPOINT = "last.pt"
@@ -136,37 +136,15 @@ class Trainer:
         samples = self.sampler.draw()
         out_idx = torch.cat((targets, samples))  # (B + n_sample,)
         leaves = step_rows(model, inputs, out_idx)
-        x, item_rows, bias_rows = leaves.x, leaves.item_rows, leaves.bias_rows
-        out_rows, out_inv, in_rows, in_table = (
-            leaves.out_rows,
-            leaves.out_inv,
-            leaves.in_rows,
-            leaves.in_table,
-        )
-        out, hidden = model.step(x, hidden, train=True, bf16=self.bf16, kernels=self.kernels)
+        out, hidden = model.step(leaves.x, hidden, train=True, bf16=self.bf16, kernels=self.kernels)
         # Score each distinct row once, then spread the columns: gathering (B, U) scores is far
         # cheaper than gathering (B + n_sample, H) item vectors, forward and backward.
-        distinct = linear(out, item_rows, bias_rows, self.bf16)  # (B, U)
-        scores = distinct.index_select(1, out_inv)  # (B, B + n_sample)
+        distinct = linear(out, leaves.item_rows, leaves.bias_rows, self.bf16)  # (B, U)
+        scores = distinct.index_select(1, leaves.out_inv)  # (B, B + n_sample)
         loss = self._loss(scores, out_idx, b) / self.config.batch_size
         loss.backward()
 
-        # The optimiser updates the parameters themselves (under no_grad), not their ``.data``:
-        # in-place changes through ``.data`` do not bump a tensor's version, and caches keyed on
-        # it (the catalogue ranker's low-precision copies) would go stale between epochs.
-        opt = self.optimizer
-        dense = model.dense_parameters()
-        opt.dense_all(
-            [f"dense{i}" for i in range(len(dense))],
-            dense,
-            [p.grad for p in dense],  # type: ignore[misc]
-        )
-        for p in dense:
-            p.grad = None
-        opt.rows("item_out", model.item_out, out_rows, item_rows.grad)  # type: ignore[arg-type]
-        opt.rows("item_bias", model.item_bias, out_rows, bias_rows.grad)  # type: ignore[arg-type]
-        if in_rows is not None:
-            opt.rows("item_in", model.item_in, in_rows, in_table.grad)  # type: ignore[union-attr,arg-type]
+        apply_updates(self.optimizer, model, leaves)
         return loss.detach(), [h.detach() for h in hidden]
 
     # --- one epoch --------------------------------------------------------------------------
