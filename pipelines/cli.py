@@ -1,7 +1,8 @@
 """The ``recsys`` command line: every pipeline step, scoring, and the benchmarks.
 
 Heavy imports (torch, mlflow) happen inside the commands so that ``recsys --help`` is instant.
-A ``RecsysError`` is printed as one line of explanation and a non-zero exit, never a traceback.
+Every exception that reaches a command is one ``error:`` line and exit code 1 (``GuardedGroup``,
+``recsys.core.errors.describe_failure``); a bug says so and names the log holding its traceback.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
+
+from pipelines.cli_live import register as register_live_commands
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,26 +33,46 @@ FORCE = click.option(
 )
 
 
+def _report(exc: BaseException) -> NoReturn:
+    """Any exception that reaches the CLI: one ``error:`` line and its exit code, never a
+    traceback (a bug's traceback goes to a log file the line names)."""
+    from recsys.core.errors import describe_failure
+
+    message, code = describe_failure(exc, sys.argv)
+    click.echo(f"error: {message}" if code != 130 else message, err=True)
+    sys.exit(code)
+
+
 def friendly_errors(func: F) -> F:
-    """Show user errors as a message and exit code 1 (2 for usage errors, as click does)."""
+    """The guard on one callable (the group applies it to every command; kept for commands that
+    run code outside click's invocation)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from recsys.core.errors import RecsysError
-
         try:
             return func(*args, **kwargs)
-        except RecsysError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo(
-                "interrupted; outputs written so far are complete, partial ones were discarded",
-                err=True,
-            )
-            sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors and --help: click prints them itself
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one guard
+            _report(exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+class GuardedGroup(click.Group):
+    """The ``recsys`` group: every command, present or added later, runs under the guard."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one guard
+            _report(exc)
+        except BaseException as exc:  # a Rust panic from polars derives from BaseException
+            if isinstance(exc, SystemExit | GeneratorExit):
+                raise
+            _report(exc)
 
 
 def _load(config_path: Path) -> Any:
@@ -58,13 +81,18 @@ def _load(config_path: Path) -> Any:
     return load_config(config_path)
 
 
-def _tracker(config: Any) -> Any:
+def _tracker(config: Any, check_store: bool = True) -> Any:
+    """The step's tracker; its store is contacted now, so that an unreachable one is said
+    before minutes of training or evaluation, not after them (prepare, cheap, skips this)."""
     from pipelines.tracking import Tracker
 
-    return Tracker(config)
+    tracker = Tracker(config)
+    if check_store:
+        tracker.client  # noqa: B018 - connects, or raises the store's one-line error
+    return tracker
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="recsys")
 def main() -> None:
     """Session-based next-item recommendation: GRU4Rec, baselines, MLflow pipelines."""
@@ -82,7 +110,7 @@ def prepare(config_path: Path, force: bool) -> None:
     from pipelines.prepare import run_prepare
 
     config = _load(config_path)
-    run_prepare(config, _tracker(config), force=force)
+    run_prepare(config, _tracker(config, check_store=False), force=force)
 
 
 @main.command()
@@ -306,6 +334,9 @@ def ui(port: int) -> None:
         raise RecsysError(f"{mlflow}: mlflow is not installed in this environment")
     os.execve(command[0], command, server_env(os.environ))
 
+
+# recsys serve-live and recsys export: pipelines/cli_live.py (it keeps this module small)
+register_live_commands(main, friendly_errors)
 
 if __name__ == "__main__":
     main()

@@ -165,12 +165,14 @@ class SessionRecommender:
         outputs: torch.Tensor,
         k: int,
         prefixes: Sequence[Sequence[int]],
-        exclude_seen: bool = False,
+        exclude_seen: bool | Sequence[bool] = False,
     ) -> list[tuple[list[Any], list[float]]]:
         """Exact top-k of GRU outputs (B, H) after ``prefixes`` (item indices) as original ids;
-        ``exclude_seen`` leaves each prefix's own items out."""
+        ``exclude_seen`` (for all rows, or one flag per row) leaves a prefix's own items out."""
         boost = self.model.prefix_boosts(outputs, prefixes)  # None, at no cost, without a readout
-        seen = list(prefixes) if exclude_seen else None
+        flags = [exclude_seen] * len(prefixes) if isinstance(exclude_seen, bool) else exclude_seen
+        seen = [list(p) if f else [] for p, f in zip(prefixes, flags, strict=True)]
+        seen = seen if any(flags) else None
         result = self.ranker.top_k(outputs, k, exclude=seen, fast=self.fast_top_k, boost=boost)
         if self.fast_top_k:
             self.fast_stats["certified"] += result.certified

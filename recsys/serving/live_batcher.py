@@ -1,0 +1,259 @@
+"""Micro-batching for the live service: concurrent requests become one GRU step and one
+catalogue pass, and a model swap happens between two batches.
+
+One worker thread owns the model and the session store, so no state needs a lock: request
+handlers put operations on a queue and wait on a future. The worker takes the first waiting
+operation, gathers what else arrives within ``window_s`` (or until ``max_batch``), and runs
+them in arrival order. Consecutive clicks and reads of distinct sessions are scored together:
+their answers are those of one-at-a-time scoring, because each session's step depends only on
+its own state (the products are summed in another order: scores agree to float rounding).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from recsys.core.errors import RecsysError
+from recsys.model.artifact import plain_id
+from recsys.serving.live_store import SessionStore, output_of, replay_states, step_states
+from recsys.serving.recommender import Recommendation, SessionRecommender
+
+
+class NoSession(RecsysError):
+    """A read of a session the store does not hold (never clicked, ended or expired)."""
+
+
+@dataclass(frozen=True)
+class Click:
+    session_id: Hashable
+    item: Any
+    k: int
+    exclude_seen: bool
+
+
+@dataclass(frozen=True)
+class Read:  # the recommendations for a session's current state, without a click
+    session_id: Hashable
+    k: int
+    exclude_seen: bool
+
+
+@dataclass(frozen=True)
+class End:
+    session_id: Hashable
+
+
+@dataclass(frozen=True)
+class Stateless:  # /invocations: whole sessions, as `mlflow models serve` scores them
+    sessions: list[list[Any]]
+    k: int
+    exclude_seen: bool
+
+
+@dataclass(frozen=True)
+class Snapshot:  # every session's kept clicks, for a replay into the next model
+    pass
+
+
+@dataclass(frozen=True)
+class Swap:
+    recommender: SessionRecommender
+    replayed: dict[Hashable, tuple[int, torch.Tensor | None, list[int]]]
+    label: Any  # what /health reports afterwards (the version)
+
+
+_STOP = object()
+
+
+class MicroBatcher:
+    """The worker thread of the live service (see the module docstring)."""
+
+    def __init__(
+        self,
+        recommender: SessionRecommender,
+        store: SessionStore,
+        window_s: float = 0.002,
+        max_batch: int = 64,
+        label: Any = None,
+    ) -> None:
+        self.rec = recommender
+        self.store = store
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self.label = label
+        self.swaps = 0
+        self.batches = 0
+        self.batched_ops = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="live-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._queue.put((op, future))
+        return future
+
+    def call(self, op: Any, timeout: float = 60.0) -> Any:
+        """Submit and wait (for callers on a thread of their own: tests, the model follower)."""
+        return self.submit(op).result(timeout)
+
+    def close(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout=10)
+
+    # --- the worker -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            deadline = time.perf_counter() + self.window_s
+            while len(batch) < self.max_batch:
+                left = deadline - time.perf_counter()
+                try:
+                    nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    self._queue.put(_STOP)
+                    break
+                batch.append(nxt)
+            self.batches += 1
+            self.batched_ops += len(batch)
+            self._run(batch)
+
+    def _run(self, batch: list[tuple[Any, Future[Any]]]) -> None:
+        """In arrival order; a group of clicks/reads ends where a session comes back or another
+        kind of operation arrives, so every session sees its operations in order."""
+        group: list[tuple[Any, Future[Any]]] = []
+        sessions: set[Hashable] = set()
+        for op, future in batch:
+            if isinstance(op, Click | Read) and op.session_id not in sessions:
+                group.append((op, future))
+                sessions.add(op.session_id)
+                continue
+            self._settle(group)
+            group, sessions = [], set()
+            if isinstance(op, Click | Read):
+                group, sessions = [(op, future)], {op.session_id}
+            else:
+                self._settle([(op, future)])
+        self._settle(group)
+
+    def _settle(self, ops: list[tuple[Any, Future[Any]]]) -> None:
+        if not ops:
+            return
+        try:
+            if isinstance(ops[0][0], Click | Read):
+                results = self._score([op for op, _ in ops])
+            else:
+                results = [self._single(ops[0][0])]
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+            for _, future in ops:
+                future.set_exception(exc)
+            return
+        for (_, future), result in zip(ops, results, strict=True):
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def _single(self, op: Any) -> Any:
+        if isinstance(op, End):
+            return self.store.drop(op.session_id)
+        if isinstance(op, Stateless):
+            return self.rec.recommend_batch(op.sessions, op.k, op.exclude_seen)
+        if isinstance(op, Snapshot):
+            return {sid: (s.changes, list(s.clicks)) for sid, s in self.store.items()}
+        if isinstance(op, Swap):
+            return self._swap(op)
+        raise RecsysError(f"unknown operation {type(op).__name__}")
+
+    def _score(self, ops: Sequence[Click | Read]) -> list[Recommendation | Exception]:
+        """One GRU step for the clicked sessions, then one catalogue pass for all of them."""
+        rec, store = self.rec, self.store
+        now = store.clock()
+        kept: list[Any] = []
+        unknown: list[list[Any]] = []
+        stepping: list[int] = []
+        items: list[int] = []
+        for i, op in enumerate(ops):
+            if isinstance(op, Read):
+                kept.append(store.get(op.session_id, now))
+                unknown.append([])
+                continue
+            session = store.get_or_start(op.session_id, now)
+            known, missing = rec.to_indices([op.item])
+            session.clicks.append(plain_id(op.item))
+            session.changes += 1
+            if known:
+                stepping.append(i)
+                items.append(known[0])
+            kept.append(session)
+            unknown.append(missing)
+        if stepping:
+            states = step_states(rec.model, [kept[i].state for i in stepping], items)
+            for row, (i, item) in enumerate(zip(stepping, items, strict=True)):
+                session = kept[i]
+                session.state = states[row].clone()  # its own storage, not a view of the batch
+                session.seen.append(item)
+                del session.seen[: -store.max_clicks]
+        scored = [i for i, s in enumerate(kept) if s is not None and s.state is not None]
+        ranked: dict[int, tuple[list[Any], list[float]]] = {}
+        if scored:
+            outputs = torch.stack([output_of(rec.model, kept[i].state) for i in scored])
+            k_max = max(ops[i].k for i in scored)
+            prefixes = [kept[i].seen for i in scored]
+            flags = [ops[i].exclude_seen for i in scored]
+            ranked = dict(zip(scored, rec.ranked(outputs, k_max, prefixes, flags), strict=True))
+        results: list[Recommendation | Exception] = []
+        for i, op in enumerate(ops):
+            if kept[i] is None:
+                results.append(NoSession(f"no live session {op.session_id!r}"))
+            elif i in ranked:
+                ids, values = ranked[i]
+                results.append(Recommendation(ids[: op.k], values[: op.k], unknown[i]))
+            else:
+                results.append(rec.popular(op.k, unknown[i]))
+        return results
+
+    def _swap(self, op: Swap) -> dict[str, Any]:
+        """The new model and every session's state on it, at once: a session clicked since its
+        snapshot (or started after it) is replayed again here, from its kept ids."""
+        new = op.recommender
+        stale: list[tuple[Any, list[int]]] = []
+        for sid, session in self.store.items():
+            replayed = op.replayed.get(sid)
+            if replayed is not None and replayed[0] == session.changes:
+                session.state, session.seen = replayed[1], replayed[2]
+            else:
+                stale.append((session, new.to_indices(list(session.clicks))[0]))
+        states = replay_states(new.model, [seen for _, seen in stale])
+        for (session, seen), state in zip(stale, states, strict=True):
+            session.state, session.seen = state, seen
+        self.rec, self.label = new, op.label
+        self.swaps += 1
+        return {"replayed": len(op.replayed), "replayed_at_swap": len(stale)}
+
+
+def replay_snapshot(
+    recommender: SessionRecommender, snapshot: dict[Hashable, tuple[int, list[Any]]]
+) -> dict[Hashable, tuple[int, torch.Tensor | None, list[int]]]:
+    """Every snapshot session's state on a new model (off the worker thread, before a swap)."""
+    ids = list(snapshot)
+    seen = [recommender.to_indices(snapshot[sid][1])[0] for sid in ids]
+    states = replay_states(recommender.model, seen)
+    return {
+        sid: (snapshot[sid][0], state, kept)
+        for sid, state, kept in zip(ids, states, seen, strict=True)
+    }

@@ -1,0 +1,114 @@
+"""Model roll-over for the live service: follow a registry alias, swap without dropping sessions.
+
+``ModelFollower.check`` asks the registry which version the alias names; when it moved, the new
+version is loaded and every live session is replayed into it on the calling thread (the
+service keeps answering on the old model meanwhile), then the micro-batcher swaps model and
+states between two batches. A session clicked during the replay is replayed again at the swap,
+so none is lost or answered from a half-swapped state. Polling runs on a daemon thread.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from recsys.core.errors import RecsysError, first_line
+from recsys.serving.live_batcher import MicroBatcher, Snapshot, Swap, replay_snapshot
+from recsys.serving.recommender import SessionRecommender
+
+Loader = Callable[[str], SessionRecommender]
+
+
+def split_alias_uri(uri: str) -> tuple[str, str] | None:
+    """``models:/name@alias`` -> (name, alias); None for any other model reference."""
+    if not uri.startswith("models:/"):
+        return None
+    name, sep, alias = uri.removeprefix("models:/").partition("@")
+    return (name, alias) if sep and name and alias else None
+
+
+def alias_version(name: str, alias: str) -> str:
+    """The version an alias names now; a clear error if the model or alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    from recsys.serving.mlflow_store import connect
+
+    client = connect()
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        raise RecsysError(
+            f"models:/{name}@{alias}: no such registered model version; "
+            f"run `recsys pipeline -c CONFIG` (or `recsys register`) first"
+        ) from None
+
+
+def load_version(name: str, version: str) -> SessionRecommender:
+    return SessionRecommender.load(f"models:/{name}/{version}", threads=1)
+
+
+class ModelFollower:
+    """Keeps a batcher on the version that ``models:/name@alias`` names."""
+
+    def __init__(
+        self,
+        batcher: MicroBatcher,
+        name: str,
+        alias: str,
+        version: str,
+        poll_seconds: float = 30.0,
+        loader: Callable[[str, str], SessionRecommender] = load_version,
+    ) -> None:
+        self.batcher = batcher
+        self.name = name
+        self.alias = alias
+        self.version = version
+        self.poll_seconds = poll_seconds
+        self.loader = loader
+        self.failures = 0
+        self.last_error: str | None = None
+        self._lock = threading.Lock()  # one roll-over at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> dict[str, Any]:
+        """Follow the alias now: load, replay and swap if it moved. Errors keep the old model."""
+        with self._lock:
+            try:
+                latest = alias_version(self.name, self.alias)
+                if latest == self.version:
+                    return {"swapped": False, "version": self.version}
+                new = self.loader(self.name, latest)
+                replayed = replay_snapshot(new, self.batcher.call(Snapshot()))
+                done = self.batcher.call(Swap(new, replayed, latest), timeout=300)
+            except Exception as exc:  # noqa: BLE001 - a failed roll-over must not stop serving
+                self.failures += 1
+                self.last_error = first_line(exc)
+                raise RecsysError(f"model roll-over failed: {self.last_error}") from None
+            previous, self.version = self.version, latest
+            return {"swapped": True, "version": latest, "previous": previous, **done}
+
+    def start(self) -> None:
+        if self.poll_seconds > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._poll, name="live-follower", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                outcome = self.check()
+            except RecsysError as err:
+                print(f"warning: {err}", file=sys.stderr, flush=True)
+                continue
+            if outcome["swapped"]:
+                print(
+                    f"now serving models:/{self.name}/{outcome['version']} "
+                    f"(was {outcome['previous']}; {outcome['replayed']} sessions replayed)",
+                    file=sys.stderr,
+                    flush=True,
+                )
