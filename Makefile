@@ -13,6 +13,8 @@ K ?= 20
 PORT ?= 5055
 UI_PORT ?= 5000
 STAMP := $(VENV)/.installed
+EXPORT_STAMP := $(VENV)/.installed-export
+LIVE_PORT ?= 5056
 
 # MLflow's store (mlops/ in the working directory: this folder) and its quiet environment are
 # set by the recsys commands themselves (recsys/serving/mlflow_store.py); only what the shell
@@ -20,7 +22,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup pipeline tune prepare train evaluate register recommend serve ui test lint format bench clean
+.PHONY: help setup pipeline tune prepare train evaluate register recommend serve serve-live ui test lint format bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,6 +34,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -qq torch==2.13.0
 	$(PY) -m pip install -qq -e '.[dev]'
 	@touch $(STAMP)
+
+$(EXPORT_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -qq -e '.[dev,export]'
+	@touch $(EXPORT_STAMP)
 
 setup: $(STAMP) ## Create .venv and install the project (done automatically by other targets)
 
@@ -60,10 +66,13 @@ recommend: $(STAMP) ## Top-K for one session: make recommend ITEMS="id1,id2" [CO
 serve: $(STAMP) ## REST server for the champion of CONFIG on 127.0.0.1:PORT (POST /invocations)
 	$(VENV)/bin/recsys serve --config $(CONFIG) --port $(PORT)
 
+serve-live: $(STAMP) ## Live REST service (sessions kept, follows the champion) on 127.0.0.1:LIVE_PORT
+	$(VENV)/bin/recsys serve-live --config $(CONFIG) --port $(LIVE_PORT)
+
 ui: $(STAMP) ## MLflow UI on 127.0.0.1:UI_PORT against the project store
 	$(VENV)/bin/recsys ui --port $(UI_PORT)
 
-test: $(STAMP) ## Run the test suite
+test: $(EXPORT_STAMP) ## Run the test suite (installs the export extra: the ONNX tests run)
 	$(PY) -m pytest -q
 
 lint: $(STAMP) ## ruff check + format check

@@ -107,7 +107,9 @@ def _onnx(step: ScoringStep, network: GRU4Rec, path: Path) -> None:
 def load_exported(fmt: str, path: Path) -> Any:
     """A callable ``(item ndarray, state ndarray) -> (new_state, scores)`` ndarrays."""
     if fmt == "torchscript":
-        module = torch.jit.load(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch 2.13 marks TorchScript deprecated
+            module = torch.jit.load(str(path))
 
         def run_ts(item: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             with torch.no_grad():
