@@ -23,7 +23,7 @@ from pipelines.report import format_table
 from recsys.core.atomic import write_json
 from recsys.core.errors import RecsysError
 
-BENCHMARKS = ("prepare", "train", "evaluate", "serve", "accuracy")
+BENCHMARKS = ("prepare", "train", "train-load", "evaluate", "serve", "serve-live", "accuracy")
 ON_DEVICE = {"train", "accuracy"}  # the benchmarks that run on --device (the rest: CPU)
 OPT_IN = {"accuracy"}  # a full Diginetica training (~14 min on 2 cores): only when named
 RESULTS = Path("bench-results.json")
@@ -43,6 +43,10 @@ def benchmark(name: str) -> Benchmark:
             from benchmarks.train import bench_train
 
             return bench_train
+        case "train-load":
+            from benchmarks.train_load import bench_train_load
+
+            return bench_train_load
         case "evaluate":
             from benchmarks.evaluate import bench_evaluate
 

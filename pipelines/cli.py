@@ -204,17 +204,44 @@ def tune(config_path: Path, trials: int | None, timeout: float | None, storage: 
     show_default=True,
     help="uvicorn workers; above 1, uvicorn issue #3149 adds ~40 ms per keep-alive request.",
 )
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="Larger request bodies get 413, unread.",
+)
+@click.option(
+    "--max-session-clicks",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Longer sessions are cut to their most recent clicks (the answer's 'truncated').",
+)
 @friendly_errors
-def serve(config_path: Path, model_uri: str | None, port: int, host: str, workers: int) -> None:
-    """REST server (mlflow models serve) for the champion: POST /invocations, see docs/serving.md."""
+def serve(
+    config_path: Path,
+    model_uri: str | None,
+    port: int,
+    host: str,
+    workers: int,
+    max_body_bytes: int,
+    max_session_clicks: int,
+) -> None:
+    """REST server (MLflow's scoring app) for the champion: POST /invocations, docs/serving.md."""
     import os
 
     from pipelines.serve import champion_uri, check_servable, server_command, server_env
     from recsys.serving.mlflow_store import QUIET_ENV, tracking_uri
+    from recsys.serving.pyfunc import MAX_SESSION_ENV
+    from recsys.serving.rest_app import MAX_BODY_ENV
 
     uri = model_uri or champion_uri(_load(config_path))
-    # the server resolves models:/ in the project's store unless the user named another one
-    env = {**QUIET_ENV, **os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
+    limits = {MAX_BODY_ENV: str(max_body_bytes), MAX_SESSION_ENV: str(max_session_clicks)}
+    env = {**QUIET_ENV, **os.environ, **limits}
+    if uri.startswith(("models:/", "runs:/")):
+        # resolved in the project's store unless the user named another; never created here
+        env["MLFLOW_TRACKING_URI"] = tracking_uri(create=False)
     command = server_command(uri, port, host, workers)
     check_servable(command, uri, host, port)
     click.echo(f"serving {uri} on http://{host}:{port} (Ctrl-C stops it)", err=True)

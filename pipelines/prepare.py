@@ -11,6 +11,7 @@ from pipelines.cache import config_key, read_marker, step_key
 from pipelines.report import format_table
 from pipelines.tracking import TAG_CACHED, TAG_DATA, Tracker
 from recsys.config import Config
+from recsys.core.errors import RecsysError
 from recsys.core.progress import step
 from recsys.data.preparation import PREPARATION_VERSION, prepare_events, write_prepared
 from recsys.data.schema import (
@@ -55,6 +56,18 @@ def cached_stats(config: Config) -> dict[str, Any] | None:
     return read_marker(out / STATS_FILE, cache_key(config), needs=files, field=CACHE_KEY)
 
 
+def check_workdir(config: Config) -> None:
+    """The output folder can be made: no file where ``workdir`` or a folder in it should be."""
+    for folder in (config.workdir, config.run_dir, config.prepared_dir):
+        if folder.exists() and not folder.is_dir():
+            raise RecsysError(f"workdir {config.workdir}: {folder} is a file, not a folder")
+    for parent in config.workdir.resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RecsysError(f"workdir {config.workdir}: {parent} is a file, not a folder")
+            break
+
+
 def is_up_to_date(config: Config) -> bool:
     """Whether ``prepare`` would skip the work."""
     return cached_stats(config) is not None
@@ -65,6 +78,7 @@ def prepare(config: Config, force: bool = False) -> tuple[dict[str, Any], bool]:
 
     Skipped when the output exists for the same data config and raw input, unless ``force``.
     """
+    check_workdir(config)
     cached = None if force else cached_stats(config)
     if cached is not None:
         return cached, False
@@ -118,12 +132,18 @@ def stats_table(stats: dict[str, Any], cached: bool = False) -> str:
         f"targets already in the session: test {seen['test']:.1%} ({last['test']:.1%} the item "
         f"just clicked), valid {seen['valid']:.1%} ({last['valid']:.1%})"
     )
+    missing = dropped.get("missing_by_column", {})
+    if any(missing.values()):
+        note += " (missing: " + ", ".join(f"{c} {n:,}" for c, n in missing.items() if n) + ")"
+    kinds = stats.get("id_types", {})
+    ids = ", ".join(f"{c} {'integers' if k == 'int' else 'text'}" for c, k in kinds.items())
     head = "prepared dataset" + (" (up to date, not redone)" if cached else "")
     return "\n".join(
         [
             head,
             format_table(rows, ["split", "events", "sessions", "items", "median len"]),
-            f"catalogue: {stats['items']:,} items; test predictions: {stats['test_predictions']:,}",
+            f"catalogue: {stats['items']:,} items; test predictions: {stats['test_predictions']:,}"
+            + (f"; ids read as {ids}" if ids else ""),
             repeats,
             note,
         ]

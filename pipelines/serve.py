@@ -33,17 +33,19 @@ def champion_uri(config: Config) -> str:
 
 
 def check_servable(command: list[str], model_uri: str, host: str, port: int) -> None:
-    """What ``mlflow models serve`` would otherwise report as a page of tracebacks, checked
-    before it starts: its executable, the model (a registered alias or version, or a path)
-    and the port."""
-    if not Path(command[0]).is_file():
-        raise RecsysError(f"{command[0]}: mlflow is not installed in this environment")
+    """What the server would otherwise report as a page of tracebacks, checked before it
+    starts: uvicorn, the store, the model (a registered alias or version, or a path; its
+    weights file loads) and the port."""
+    import importlib.util
+
+    if not Path(command[0]).is_file() or importlib.util.find_spec("uvicorn") is None:
+        raise RecsysError(f"{command[0]}: uvicorn (from mlflow) is not installed with it")
     if model_uri.startswith("models:/"):
         from mlflow.exceptions import MlflowException
 
         from recsys.serving.mlflow_store import connect
 
-        client = connect()
+        client = connect(create=False)
         name, sep, alias = model_uri.removeprefix("models:/").partition("@")
         try:
             if sep:
@@ -58,11 +60,26 @@ def check_servable(command: list[str], model_uri: str, host: str, port: int) -> 
             ) from None
     elif not model_uri.startswith("runs:/") and not Path(model_uri).exists():
         raise RecsysError(f"{model_uri}: no such model file or directory")
+    _check_weights(model_uri)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
         except OSError as exc:
             raise RecsysError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+
+
+def _check_weights(model_uri: str) -> None:
+    """The served model's weights file loads (a damaged or tampered one is one clear line)."""
+    import tempfile
+
+    from recsys.model.artifact import TrainedModel, find_model_file
+    from recsys.serving.mlflow_store import download_model
+
+    if model_uri.startswith(("models:/", "runs:/")):
+        with tempfile.TemporaryDirectory(prefix="recsys-serve-check-") as tmp:
+            TrainedModel.load(download_model(model_uri, Path(tmp)))
+    else:
+        TrainedModel.load(find_model_file(Path(model_uri)))
 
 
 def free_port(host: str = HOST) -> int:
@@ -72,15 +89,10 @@ def free_port(host: str = HOST) -> int:
 
 
 def server_command(model_uri: str, port: int, host: str = HOST, workers: int = 1) -> list[str]:
-    """The command line; ``--env-manager local`` serves from this environment, no new venv."""
-    mlflow = str(Path(sys.executable).parent / "mlflow")
-    return [mlflow, "models", "serve", "-m", model_uri, "--env-manager", "local"] + [
-        "-h",
-        host,
-        "-p",
-        str(port),
-        "--workers",
-        str(workers),
+    """The command line: uvicorn on ``recsys.serving.rest_app`` (MLflow's scoring app behind a
+    body cap) in this environment; no ``mlflow models serve``, which has no way to cap it."""
+    return [sys.executable, "-m", "recsys.serving.rest_app", model_uri, host, str(port)] + [
+        str(workers)
     ]
 
 

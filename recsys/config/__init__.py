@@ -186,7 +186,9 @@ class TrainConfig(Section):
     # (recsys/model/kernels.py, CPU, built once with the local compiler), torch = torch ops (same
     # arithmetic; dropout from another random stream); auto = native where it builds
     kernels: Literal["auto", "native", "torch"] = "auto"
-    threads: Annotated[Int, Field(ge=0)] = 0  # 0 = torch default
+    # intra-op threads; 0 = the usable cores less one (recsys/training/threads.py: torch's one
+    # per core lost ~90% of its speed beside one other busy process on 2 cores)
+    threads: Annotated[Int, Field(ge=0)] = 0
     max_steps: Annotated[Int, Field(ge=0)] = (
         0  # 0 = full epochs; >0 caps steps per epoch (smoke runs)
     )
@@ -220,7 +222,7 @@ class FusionConfig(Section):
 
 
 class EvaluationConfig(Section):
-    cutoffs: list[Annotated[Int, Field(ge=1)]] = [1, 5, 10, 20]
+    cutoffs: Annotated[list[Annotated[Int, Field(ge=1)]], Field(min_length=1)] = [1, 5, 10, 20]
     ties: Literal["conservative", "standard", "median"] = "conservative"
     batch_size: Annotated[Int, Field(ge=1)] = 512
     exclude_seen: Flag = False
@@ -355,7 +357,12 @@ def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Co
     if not path.is_file():
         raise RecsysError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecsysError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            f"save the config as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         raise RecsysError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -47,7 +47,9 @@ from recsys.data.splits import (
     time_split,
 )
 
-PREPARATION_VERSION = 3  # bump when the protocol or stats.json change: cached outputs are redone
+PREPARATION_VERSION = (
+    4  # bump when the protocol, the readers or stats.json change: cached outputs are redone
+)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,11 @@ def repeat_target_shares(events: pl.DataFrame) -> tuple[float, float]:
         .sum(),
     ).row(0)
     return round(seen / targets, 4), round(last / targets, 4)
+
+
+def id_type(dtype: pl.DataType) -> str:
+    """The id kind stats.json states: integers, or text (the readers decide, once)."""
+    return "int" if dtype.is_integer() else "str"
 
 
 def sort_events(events: pl.LazyFrame) -> pl.LazyFrame:
@@ -210,6 +217,8 @@ def prepare_events(events: pl.LazyFrame, prep: PreparationConfig, origin: str) -
             raise RecsysError(f"{origin}: no events to prepare (the input has no rows)")
         complete = raw.drop_nulls([SESSION, ITEM, TIME])
         dropped["missing_values"] = raw.height - complete.height
+        dropped["missing_by_column"] = {c: raw[c].null_count() for c in (SESSION, ITEM, TIME)}
+        id_types = {c: id_type(raw.schema[c]) for c in (SESSION, ITEM)}
         del raw
         ordered = sort_events(complete.lazy()).collect(engine="streaming")
         del complete
@@ -272,6 +281,8 @@ def prepare_events(events: pl.LazyFrame, prep: PreparationConfig, origin: str) -
     }
     stats: dict[str, Any] = {
         "source": origin,
+        # how the ids were read: "int" (every id an integer, 5002.0 included) or "str"
+        "id_types": id_types,
         "timestamps": not has_given_split,
         "split": {
             "method": prep.split,

@@ -110,7 +110,9 @@ class TrainedModel:
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
-            raise RecsysError(f"{path}: not a loadable recsys model file ({exc})") from None
+            raise RecsysError(
+                f"{path}: not a loadable recsys model file ({first_line(exc, 200)})"
+            ) from None
         if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
             raise RecsysError(f"{path}: not a recsys GRU4Rec model file")
         if "item_ids" not in payload:

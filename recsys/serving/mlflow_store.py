@@ -24,6 +24,7 @@ QUIET_ENV = {
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # `mlflow ui` needs no job runner
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # an unreachable server fails at once
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no bar per download on stderr
     "GIT_PYTHON_REFRESH": "quiet",
     "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated",  # said by `mlflow ui`
 }
@@ -46,12 +47,22 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store under ``mlops/`` here (created)."""
+def tracking_uri(create: bool = True) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the SQLite store under ``mlops/`` here (created).
+
+    ``create=False`` is for reads (a model to load or serve): a default store that does not
+    exist is an error naming where it was looked for, not an empty store made as a side effect.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     store = DEFAULT_STORE_DIR.resolve()
+    if not create and not (store / "mlflow.db").is_file():
+        raise RecsysError(
+            f"no MLflow store at {store / 'mlflow.db'} (the default store is mlops/mlflow.db "
+            f"in the working directory, {Path.cwd()}); run from the project folder or set "
+            f"MLFLOW_TRACKING_URI"
+        )
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
 
@@ -65,13 +76,14 @@ def artifact_root() -> str | None:
     return None
 
 
-def connect() -> Any:
-    """Point MLflow at the store and check that it answers; a clear error if it does not."""
+def connect(create: bool = True) -> Any:
+    """Point MLflow at the store and check that it answers; a clear error if it does not
+    (``create=False``: a missing default store is an error too, see ``tracking_uri``)."""
     quiet_environment()
     import mlflow
     from mlflow import MlflowClient
 
-    uri = tracking_uri()
+    uri = tracking_uri(create)
     try:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
@@ -131,12 +143,14 @@ def download_model(uri: str, dest: Path) -> Path:
     from recsys.config import MODEL_FILE
     from recsys.model.artifact import find_model_file
 
-    connect()
+    connect(create=False)
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except Exception as exc:  # noqa: BLE001 - unknown name/alias, unreachable store
-        raise RecsysError(f"could not load {uri} from MLflow: {first_line(exc)}") from None
+        raise RecsysError(
+            f"could not load {uri} from the MLflow store {tracking_uri()}: {first_line(exc)}"
+        ) from None
     try:
         return find_model_file(local)
     except RecsysError:

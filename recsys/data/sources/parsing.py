@@ -20,12 +20,25 @@ from recsys.data.schema import ITEM, SESSION, SPLIT, TIME
 _SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
 _COMPRESSED = (".gz", ".zip", ".7z", ".bz2", ".xz", ".zst")
 ERROR_LINE_LIMIT = 200  # characters of a library's own message quoted in a parse error
+# How exports spell a missing id (pandas, R, SQL dumps, spreadsheets): read as missing, counted
+# and dropped by preparation, never as an item called "NaN". Compared after strip, any case.
+MISSING_SPELLINGS = ("", "nan", "na", "n/a", "#n/a", "null", "none", "<na>", "nil", "-", "?")
+# the first bytes of compressed data, whatever the file is called
+_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"PK\x03\x04": "zip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"(\xb5/\xfd": "zstd",
+    b"7z\xbc\xaf\x27\x1c": "7z",
+}
 
 
 def check_file(path: Path) -> None:
     """A readable, non-empty, uncompressed file, or an error saying which of these it is not."""
     if not path.exists():
-        raise RecsysError(f"{path}: file not found")
+        where = "" if path.is_absolute() else f" (relative paths are read from {Path.cwd()})"
+        raise RecsysError(f"{path}: file not found{where}")
     if not path.is_file():
         raise RecsysError(f"{path}: not a file")
     if path.stat().st_size == 0:
@@ -33,6 +46,14 @@ def check_file(path: Path) -> None:
     if path.suffix.lower() in _COMPRESSED:
         raise RecsysError(
             f"{path}: a compressed archive; unpack it and point data.source.path at the file inside"
+        )
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise RecsysError(
+            f"{path}: the file holds {kind}-compressed data, not text (whatever its name says); "
+            f"unpack it and point data.source.path at the unpacked file"
         )
 
 
@@ -81,19 +102,29 @@ class Parse:
     strict: pl.Expr
     lenient: pl.Expr
     expected: str
+    datetime_text: bool = False  # a bad value may be a mix of offset and naive times
+
+
+def missing_as_null(col: str) -> pl.Expr:
+    """The column as text, with every ``MISSING_SPELLINGS`` value (any case, padded) null."""
+    text = pl.col(col).cast(pl.String)
+    missing = text.str.strip_chars().str.to_lowercase().is_in(MISSING_SPELLINGS)
+    return pl.when(missing).then(None).otherwise(text).alias(col)
 
 
 def as_int(col: str, expected: str) -> Parse:
+    """An integer id; missing spellings are missing values, not parse errors."""
     return Parse(
         col,
-        pl.col(col).cast(pl.Int64, strict=True),
-        pl.col(col).cast(pl.Int64, strict=False),
+        missing_as_null(col).cast(pl.Int64, strict=True),
+        missing_as_null(col).cast(pl.Int64, strict=False),
         expected,
     )
 
 
 def as_text(col: str, expected: str) -> Parse:
-    return Parse(col, pl.col(col).cast(pl.String), pl.col(col).cast(pl.String), expected)
+    """A text id (``id_column`` decides later whether it is an integer after all)."""
+    return Parse(col, missing_as_null(col), missing_as_null(col), expected)
 
 
 _MS_PER_UNIT = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
@@ -122,7 +153,33 @@ def as_datetime(col: str, expected: str, fmt: str | None = None) -> Parse:
         text = pl.col(col).cast(pl.String)
         return text.str.to_datetime(fmt, strict=strict, time_zone="UTC").dt.cast_time_unit("ms")
 
-    return Parse(col, parse(True), parse(False), expected)
+    return Parse(col, parse(True), parse(False), expected, datetime_text=True)
+
+
+_OFFSET = r"(Z|[+-]\d{2}:?\d{2}|\s?UTC)$"  # a date-time text that ends in its UTC offset
+
+
+def _offset_mix(numbered: pl.LazyFrame, col: str, base: int, where_text: str) -> str | None:
+    """Where a date-time column mixes times with an offset and times without one (polars
+    takes the format from the first values, so the others look unparseable): one example each."""
+    text = pl.col(col).cast(pl.String).str.strip_chars()
+    has = text.str.contains(_OFFSET)
+    examples = (
+        numbered.filter(pl.col(col).is_not_null())
+        .select("__row", text.alias("v"), has.alias("offset"))
+        .group_by("offset")
+        .agg(pl.all().first())
+        .collect()
+    )
+    if examples.height < 2:
+        return None
+    rows = {bool(r["offset"]): r for r in examples.iter_rows(named=True)}
+    with_, without = rows[True], rows[False]
+    return (
+        f"column {col!r} mixes times with a UTC offset ({with_['v']!r} on {where_text} "
+        f"{with_['__row'] + base}) and times without one ({without['v']!r} on {where_text} "
+        f"{without['__row'] + base}); write every time with its offset, or none (then read as UTC)"
+    )
 
 
 def as_date(col: str, expected: str) -> Parse:
@@ -187,9 +244,16 @@ def strict_cast(
     rows = frame if where is None else frame.filter(where)
     out = rows.select(**{name: p.strict for name, p in parses.items()})
     try:
-        return out.collect(engine="streaming")
+        parsed = out.collect(engine="streaming")
     except pl.exceptions.PolarsError as exc:
         failure = exc
+    else:
+        if separator is not None and _spans_lines(parsed):
+            # a stray quote made one field of many lines: the ids are not what the file says
+            layout = _bad_line(path, separator, line_offset)
+            cause = layout or "a quoted field spans several lines (an unbalanced quote)"
+            raise RecsysError(f"{path}: could not parse the file: {cause}")
+        return parsed
     where_text = "line" if separator is not None else "row"
     try:
         numbered = frame.with_row_index("__row")
@@ -203,7 +267,16 @@ def strict_cast(
                 .collect()
             )
             if bad.height:
-                line = int(bad["__row"][0]) + (line_offset if separator is not None else 1)
+                base = line_offset if separator is not None else 1
+                line = int(bad["__row"][0]) + base
+                found = str(bad[p.column][0])
+                if separator is not None and ("\n" in found or '"' in found):
+                    layout = _bad_line(path, separator, line_offset)
+                    if layout:
+                        raise RecsysError(f"{path}: could not parse the file: {layout}")
+                mix = _offset_mix(numbered, p.column, base, where_text) if p.datetime_text else None
+                if mix:
+                    raise RecsysError(f"{path}: {mix}")
                 raise RecsysError(
                     f"{path}: column {p.column!r}: expected {p.expected}, found "
                     f"{bad[p.column][0]!r} on {where_text} {line}"
@@ -213,6 +286,17 @@ def strict_cast(
     layout = _bad_line(path, separator, line_offset) if separator is not None else None
     cause = layout or first_line(failure, limit=ERROR_LINE_LIMIT)
     raise RecsysError(f"{path}: could not parse the file: {cause}")
+
+
+def _spans_lines(parsed: pl.DataFrame) -> bool:
+    """Whether a parsed text value holds a line break (no id or label of a click log does)."""
+    text = [c for c, t in parsed.schema.items() if t == pl.String]
+    if not text or parsed.height == 0:
+        return False
+    found = parsed.select(
+        pl.any_horizontal(pl.col(c).str.contains("\n", literal=True).any() for c in text)
+    )
+    return bool(found.item())
 
 
 def scan_strings(
@@ -242,8 +326,9 @@ _PLAUSIBLE_YEARS = (1995, 2100)
 
 
 def plausible_times(parsed: pl.DataFrame, path: Path, config: SourceConfig) -> pl.DataFrame:
-    """Epoch numbers read in the wrong unit give dates in year 55,000 or in 1970: say so."""
-    if config.timestamp_unit == "datetime" or parsed.height == 0:
+    """Epoch numbers read in the wrong unit give dates in year 55,000 or in 1970, and a time
+    column written without its date gives 1900: neither is a click log's span, say so."""
+    if parsed.height == 0:
         return parsed
     years = parsed.select(
         pl.col(TIME).dt.year().min().alias("low"), pl.col(TIME).dt.year().max().alias("high")
@@ -252,19 +337,48 @@ def plausible_times(parsed: pl.DataFrame, path: Path, config: SourceConfig) -> p
     if low is None or (_PLAUSIBLE_YEARS[0] <= low and high < _PLAUSIBLE_YEARS[1]):
         return parsed
     column = (config.columns or {}).get(TIME)
+    span = f"the times run from year {low} to year {high}, not a click log's time span"
+    if config.timestamp_unit == "datetime":
+        raise RecsysError(
+            f"{path}: column {column!r}: read as date-time text, {span} (expected years "
+            f"{_PLAUSIBLE_YEARS[0]}-{_PLAUSIBLE_YEARS[1] - 1}); check that the column holds "
+            f"full dates, not only times of day or placeholders"
+        )
     raise RecsysError(
-        f"{path}: column {column!r}: read as epoch {config.timestamp_unit}, the times run from "
-        f"year {low} to year {high}, not a click log's time span; check "
+        f"{path}: column {column!r}: read as epoch {config.timestamp_unit}, {span}; check "
         f"data.source.timestamp_unit (s, ms, us or ns)"
     )
 
 
-def maybe_int(series: pl.Series) -> pl.Series:
-    """Integer ids stay integers (compact, fast); anything else is kept as text."""
-    ints = series.cast(pl.Int64, strict=False)
-    if ints.null_count() == series.null_count():
-        return ints
-    return series
+_EXACT_FLOAT = 2**53  # integers above this are not exact as floats
+
+
+def id_column(series: pl.Series) -> pl.Series:
+    """Ids as integers when every present value is one (``5002`` or the ``5002.0`` a float
+    column or a spreadsheet writes), else as text; missing spellings and NaN are null.
+
+    Integer ids are compact and fast, and they match the JSON numbers clients send.
+    """
+    if series.dtype.is_integer():
+        return series.cast(pl.Int64)
+    if series.dtype.is_float():
+        numbers = series.fill_nan(None)
+    else:
+        text = series.to_frame("v").select(missing_as_null("v")).to_series().alias(series.name)
+        ints = text.cast(pl.Int64, strict=False)
+        if ints.null_count() == text.null_count():
+            return ints
+        numbers = text.cast(pl.Float64, strict=False)
+        if numbers.null_count() != text.null_count():
+            return text
+    whole = numbers.is_null() | (
+        numbers.is_finite() & (numbers.round(0) == numbers) & (numbers.abs() < _EXACT_FLOAT)
+    )
+    if bool(whole.all()):
+        return numbers.cast(pl.Int64).alias(series.name)
+    if series.dtype.is_float():
+        return numbers.cast(pl.String).alias(series.name)
+    return text
 
 
 def canonical(frame: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:

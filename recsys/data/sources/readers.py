@@ -28,7 +28,7 @@ from recsys.data.sources.parsing import (
     canonical,
     check_file,
     header_line,
-    maybe_int,
+    id_column,
     plausible_times,
     read_delimited,
     scan_strings,
@@ -153,7 +153,7 @@ def read_table(path: Path, config: SourceConfig) -> pl.LazyFrame:
     }
     sep = config.separator or ("\t" if path.suffix.lower() in (".tsv", ".txt", ".dat") else ",")
     parsed = read_delimited(path, sep, list(dict.fromkeys(mapping.values())), parses)
-    parsed = parsed.with_columns(maybe_int(parsed[ITEM]), maybe_int(parsed[SESSION]))
+    parsed = parsed.with_columns(id_column(parsed[ITEM]), id_column(parsed[SESSION]))
     return canonical(plausible_times(parsed, path, config))
 
 
@@ -196,14 +196,13 @@ def _read_parquet_table(path: Path, mapping: dict[str, str], unit: str) -> pl.Da
         ITEM: pl.col(mapping[ITEM]),
     }
     for name, expr in ids.items():
-        if not (schema[mapping[name]].is_integer() or schema[mapping[name]] == pl.String):
+        dtype = schema[mapping[name]]
+        if not (dtype.is_integer() or dtype.is_float() or dtype == pl.String):
             ids[name] = expr.cast(pl.String)
     parses = {k: Parse(mapping[k], e, e, "an id") for k, e in ids.items()}
     parses[TIME] = time
     parsed = strict_cast(lf, path, parses)
-    return parsed.with_columns(
-        pl.col(k).cast(pl.Int64) for k in (SESSION, ITEM) if parsed.schema[k].is_integer()
-    ).with_columns(maybe_int(parsed[k]) for k in (SESSION, ITEM) if parsed.schema[k] == pl.String)
+    return parsed.with_columns(id_column(parsed[k]) for k in (SESSION, ITEM))
 
 
 # --- formats without sessions (or with over-long ones): user streams, cut by sessionise ------
