@@ -30,6 +30,7 @@ from recsys.config.baselines import (
 )
 from recsys.config.fields import FiniteFloat, Flag, Float, Int, MetricName, Section
 from recsys.config.synthetic import SyntheticConfig
+from recsys.config.tracking import TrackingConfig
 from recsys.config.tune import TuneConfig, search_space
 from recsys.core.errors import RecsysError
 from recsys.core.metrics import parse_metric
@@ -53,6 +54,7 @@ __all__ = [
     "SequentialRulesParams",
     "SourceConfig",
     "SourceFormat",
+    "TrackingConfig",
     "TrainConfig",
     "TuneConfig",
     "VSKNNParams",
@@ -259,6 +261,7 @@ class Config(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
     tune: TuneConfig = TuneConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _tune_space_fits(self) -> Config:
