@@ -55,6 +55,10 @@ def benchmark(name: str) -> Benchmark:
             from benchmarks.serve import bench_serve
 
             return bench_serve
+        case "serve-live":
+            from benchmarks.serve_live import bench_serve_live
+
+            return bench_serve_live
         case "accuracy":
             from benchmarks.accuracy import bench_accuracy
 

@@ -324,7 +324,7 @@ def score(
 @click.option(
     "--only",
     multiple=True,
-    help="Run only these benchmarks (prepare, train, evaluate, serve; accuracy: a full "
+    help="Run only these benchmarks (prepare, train, evaluate, serve, serve-live; accuracy: a full "
     "Diginetica training, only when named).",
 )
 @click.option("--quick", is_flag=True, help="Smaller sizes, for a smoke run.")

@@ -16,6 +16,10 @@ from typing import Any
 from recsys.core.errors import RecsysError
 
 HOST = "127.0.0.1"
+# The batcher thread and the event loop share the GIL; with Python's default 5 ms switch
+# interval a batch waits up to 5 ms for it after each torch op. Measured with 50 closed-loop
+# clients on the shared 2-core VM: 209 clicks/s at 5 ms, 370-440 at 0.5 ms.
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ def run_live(model_uri: str, options: LiveOptions) -> None:
     from recsys.serving.live_app import create_app
 
     check_port(options.host, options.port)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     service = build_service(model_uri, options)
     where = f"http://{options.host}:{options.port}"
     follows = f", following {model_uri}" if service.follower else ""

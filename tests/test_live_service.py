@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from recsys.serving.live_app import LiveService, create_app
 from recsys.serving.live_batcher import Click, MicroBatcher, Read
 from recsys.serving.live_store import SessionStore
 from recsys.serving.recommender import Recommendation, SessionRecommender
-from tests.conftest import QUIET, ROOT
+from tests.conftest import QUIET, ROOT, run_cli
 from tests.helpers import assert_same, real_sessions
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # SQLAlchemy, in MLflow
@@ -114,8 +115,11 @@ def test_store_is_bounded_by_capacity_ttl_and_kept_clicks() -> None:
     now = [0.0]
     store = SessionStore(capacity=2, ttl_seconds=10, max_clicks=3, clock=lambda: now[0])
     for sid in ("a", "b"):
-        store.get_or_start(sid, now[0]).clicks.extend([1, 2, 3, 4])
-    assert list(store.get_or_start("a", now[0]).clicks) == [2, 3, 4]  # the last 3 are kept
+        session = store.get_or_start(sid, now[0])
+        for item in (1, 2, 3, 4):
+            store.keep(session, f"id{item}", item)
+    kept = store.get_or_start("a", now[0])  # the last 3 clicks are kept, ids and indices
+    assert (kept.clicks, kept.seen, kept.changes) == (["id2", "id3", "id4"], [2, 3, 4], 4)
     store.get_or_start("c", now[0])  # over capacity: b, the least recently used, goes
     assert store.get("b", now[0]) is None and len(store) == 2 and store.evicted == 1
     now[0] = 11.0
@@ -420,3 +424,24 @@ def test_cli_service_answers_real_sessions_click_by_click_as_the_library(
         stop_server(proc)
     assert proc.returncode is not None
     assert "Traceback" not in log.read_text()
+
+
+def test_cli_refuses_a_missing_model_or_a_taken_port_in_one_line(
+    trained: tuple[PreparedDataset, Path], tmp_path: Path, mlflow_store: str
+) -> None:
+    env = {"MLFLOW_TRACKING_URI": mlflow_store}
+    uri, port = "models:/gru4rec-none@champion", str(free_port())
+    missing = run_cli("serve-live", "-m", uri, "-p", port, env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        "error: models:/gru4rec-none@champion: no such registered model version; "
+        "run `recsys pipeline -c CONFIG` (or `recsys register`) first"
+    ]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        busy = run_cli("serve-live", "-m", str(trained[1]), "-p", str(port), env=env)
+    assert busy.returncode == 1
+    assert busy.stderr.strip().splitlines() == [
+        f"error: cannot serve on 127.0.0.1:{port}: Address already in use"
+    ]

@@ -84,6 +84,10 @@ class LiveService:
             ),
             "batches_total": ("Micro-batches run.", batcher.batches),
             "batched_operations_total": ("Operations run in micro-batches.", batcher.batched_ops),
+            "batcher_busy_seconds_total": (
+                "Time the batcher spent running batches.",
+                batcher.busy_s,
+            ),
             "catalogue_items": ("Items the model can recommend.", batcher.rec.n_items),
         }
         version = batcher.label

@@ -92,6 +92,7 @@ class MicroBatcher:
         self.swaps = 0
         self.batches = 0
         self.batched_ops = 0
+        self.busy_s = 0.0  # time spent running batches (its rate is the worker's load)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="live-batcher", daemon=True)
         self._thread.start()
@@ -130,7 +131,9 @@ class MicroBatcher:
                 batch.append(nxt)
             self.batches += 1
             self.batched_ops += len(batch)
+            began = time.perf_counter()
             self._run(batch)
+            self.busy_s += time.perf_counter() - began
 
     def _run(self, batch: list[tuple[Any, Future[Any]]]) -> None:
         """In arrival order; a group of clicks/reads ends where a session comes back or another
@@ -194,8 +197,7 @@ class MicroBatcher:
                 continue
             session = store.get_or_start(op.session_id, now)
             known, missing = rec.to_indices([op.item])
-            session.clicks.append(plain_id(op.item))
-            session.changes += 1
+            store.keep(session, plain_id(op.item), known[0] if known else None)
             if known:
                 stepping.append(i)
                 items.append(known[0])
@@ -203,11 +205,8 @@ class MicroBatcher:
             unknown.append(missing)
         if stepping:
             states = step_states(rec.model, [kept[i].state for i in stepping], items)
-            for row, (i, item) in enumerate(zip(stepping, items, strict=True)):
-                session = kept[i]
-                session.state = states[row].clone()  # its own storage, not a view of the batch
-                session.seen.append(item)
-                del session.seen[: -store.max_clicks]
+            for row, i in enumerate(stepping):
+                kept[i].state = states[row].clone()  # its own storage, not a view of the batch
         scored = [i for i, s in enumerate(kept) if s is not None and s.state is not None]
         ranked: dict[int, tuple[list[Any], list[float]]] = {}
         if scored:

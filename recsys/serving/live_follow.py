@@ -9,6 +9,8 @@ so none is lost or answered from a half-swapped state. Polling runs on a daemon 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -17,8 +19,6 @@ from typing import Any
 from recsys.core.errors import RecsysError, first_line
 from recsys.serving.live_batcher import MicroBatcher, Snapshot, Swap, replay_snapshot
 from recsys.serving.recommender import SessionRecommender
-
-Loader = Callable[[str], SessionRecommender]
 
 
 def split_alias_uri(uri: str) -> tuple[str, str] | None:
@@ -47,6 +47,28 @@ def alias_version(name: str, alias: str) -> str:
 
 def load_version(name: str, version: str) -> SessionRecommender:
     return SessionRecommender.load(f"models:/{name}/{version}", threads=1)
+
+
+def in_background(work: Callable[[], Any]) -> Any:
+    """Run ``work`` on a thread of the lowest CPU priority and wait for it: loading and
+    replaying must not take a core from the batcher that keeps answering meanwhile (Linux
+    gives each thread its own nice value)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="live-rollover", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class ModelFollower:
@@ -80,8 +102,7 @@ class ModelFollower:
                 latest = alias_version(self.name, self.alias)
                 if latest == self.version:
                     return {"swapped": False, "version": self.version}
-                new = self.loader(self.name, latest)
-                replayed = replay_snapshot(new, self.batcher.call(Snapshot()))
+                new, replayed = in_background(lambda: self._prepare(latest))
                 done = self.batcher.call(Swap(new, replayed, latest), timeout=300)
             except Exception as exc:  # noqa: BLE001 - a failed roll-over must not stop serving
                 self.failures += 1
@@ -89,6 +110,10 @@ class ModelFollower:
                 raise RecsysError(f"model roll-over failed: {self.last_error}") from None
             previous, self.version = self.version, latest
             return {"swapped": True, "version": latest, "previous": previous, **done}
+
+    def _prepare(self, version: str) -> tuple[SessionRecommender, dict[Any, Any]]:
+        new = self.loader(self.name, version)
+        return new, replay_snapshot(new, self.batcher.call(Snapshot()))
 
     def start(self) -> None:
         if self.poll_seconds > 0 and self._thread is None:

@@ -10,10 +10,10 @@ store; it holds no lock of its own.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -24,19 +24,29 @@ from recsys.model.gru4rec import GRU4Rec, pad_sessions
 REPLAY_CHUNK = 1024  # sessions replayed in one padded pass (bounds the gate tensor)
 
 
-@dataclass
+@dataclass(slots=True)
 class KeptSession:
-    """One live session. ``state`` is None until its first known click."""
+    """One live session. ``state`` is None until its first known click. Slots and plain lists:
+    at 100,000 sessions the per-object overhead is what the memory goes on."""
 
-    clicks: deque[Any]  # original ids of the last max_clicks clicks, known or not
+    clicks: list[Any]  # original ids of the last max_clicks clicks, known or not
     state: torch.Tensor | None = None  # (sum(layers),): every layer's hidden, layer 0 first
     seen: list[int] = field(default_factory=list)  # current model's indices of kept known clicks
     touched: float = 0.0
     changes: int = 0  # clicks so far: a swap replays again a session clicked since its snapshot
 
 
-class SessionStore:
-    """Sessions in last-touched order, at most ``capacity``, each forgotten after ``ttl`` idle."""
+class Touched(Protocol):
+    touched: float
+
+
+S = TypeVar("S", bound=Touched)
+
+
+class SessionStore(Generic[S]):
+    """Sessions in last-touched order, at most ``capacity``, each forgotten after ``ttl`` idle:
+    the one eviction rule of ``LiveSessions`` (whose values are its own) and the live service
+    (``KeptSession``, with ``get_or_start`` and ``keep``)."""
 
     def __init__(
         self,
@@ -55,16 +65,21 @@ class SessionStore:
         self.ttl = ttl_seconds
         self.max_clicks = max_clicks
         self.clock = clock
-        self._sessions: OrderedDict[Hashable, KeptSession] = OrderedDict()
+        self._sessions: OrderedDict[Hashable, Any] = OrderedDict()
         self.evicted = 0  # dropped for capacity or idleness since creation
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def items(self) -> Iterator[tuple[Hashable, KeptSession]]:
+    def items(self) -> Iterator[tuple[Hashable, S]]:
         return iter(list(self._sessions.items()))
 
-    def get(self, session_id: Hashable, now: float) -> KeptSession | None:
+    def peek(self, session_id: Hashable, now: float) -> S | None:
+        """The session if held and not expired, without touching it."""
+        session = self._sessions.get(session_id)
+        return session if session is not None and now - session.touched <= self.ttl else None
+
+    def get(self, session_id: Hashable, now: float) -> S | None:
         """The live session (touched, moved to the end), or None if absent or expired."""
         session = self._sessions.pop(session_id, None)
         if session is not None and now - session.touched > self.ttl:
@@ -74,18 +89,27 @@ class SessionStore:
             self.put(session_id, session, now)
         return session
 
-    def get_or_start(self, session_id: Hashable, now: float) -> KeptSession:
+    def get_or_start(self, session_id: Hashable, now: float) -> Any:
         session = self.get(session_id, now)
         if session is None:
-            session = KeptSession(deque(maxlen=self.max_clicks), touched=now)
+            session = KeptSession([], touched=now)
             self.put(session_id, session, now)
         return session
 
-    def put(self, session_id: Hashable, session: KeptSession, now: float) -> None:
+    def put(self, session_id: Hashable, session: S, now: float) -> None:
         session.touched = now
         self._sessions[session_id] = session
         self._sessions.move_to_end(session_id)
         self._evict(now)
+
+    def keep(self, session: KeptSession, item: Any, index: int | None) -> None:
+        """Record a click: its id among the kept clicks, its index among the seen ones."""
+        session.clicks.append(item)
+        del session.clicks[: -self.max_clicks]
+        if index is not None:
+            session.seen.append(index)
+            del session.seen[: -self.max_clicks]
+        session.changes += 1
 
     def drop(self, session_id: Hashable) -> bool:
         return self._sessions.pop(session_id, None) is not None

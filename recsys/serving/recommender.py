@@ -16,7 +16,6 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from recsys.core.errors import RecsysError
 from recsys.model.artifact import TrainedModel, find_model_file, plain_id
 from recsys.model.gru4rec import GRU4Rec
 from recsys.ranking import CatalogueRanker, fast_by_default, ranker_for
+from recsys.serving.live_store import SessionStore
 
 POPULAR = "popular"
 
@@ -251,44 +251,29 @@ class LiveSessions:
         ttl_seconds: float = 1800.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if capacity < 1:
-            raise RecsysError("the live-session store needs a capacity of at least 1")
-        if ttl_seconds <= 0:
-            raise RecsysError("the live-session TTL must be positive")
+        # the one LRU + TTL rule, shared with the live service (recsys.serving.live_store)
+        self._store: SessionStore[_LiveState] = SessionStore(capacity, ttl_seconds, clock=clock)
         self.rec = recommender
         self.capacity = capacity
         self.ttl = ttl_seconds
         self.clock = clock
-        self._states: OrderedDict[Hashable, _LiveState] = OrderedDict()
         self._lock = threading.Lock()
-        self.evicted = 0  # sessions dropped for capacity or idleness, since creation
+
+    @property
+    def evicted(self) -> int:
+        """Sessions dropped for capacity or idleness, since creation."""
+        return self._store.evicted
 
     def __len__(self) -> int:
-        return len(self._states)
+        return len(self._store)
 
     def __contains__(self, session_id: Hashable) -> bool:
-        state = self._states.get(session_id)
-        return state is not None and self.clock() - state.touched <= self.ttl
-
-    def _evict(self, now: float) -> None:
-        """Drop the least recently used while over capacity or idle past the TTL.
-
-        The dict is in last-touched order, so only its head can be stale.
-        """
-        while self._states:
-            oldest_id, oldest = next(iter(self._states.items()))
-            if len(self._states) > self.capacity or now - oldest.touched > self.ttl:
-                del self._states[oldest_id]
-                self.evicted += 1
-            else:
-                break
+        return self._store.peek(session_id, self.clock()) is not None
 
     def expire(self) -> int:
         """Forget the sessions idle past the TTL now (clicks do this too); returns how many."""
         with self._lock:
-            before = self.evicted
-            self._evict(self.clock())
-            return self.evicted - before
+            return self._store.expire()
 
     def click(
         self, session_id: Hashable, item: Any, k: int = 20, exclude_seen: bool = False
@@ -299,10 +284,7 @@ class LiveSessions:
         known, unknown = self.rec.to_indices([item])
         with self._lock:
             now = self.clock()
-            state = self._states.pop(session_id, None)
-            if state is not None and now - state.touched > self.ttl:
-                state = None
-                self.evicted += 1
+            state = self._store.get(session_id, now)  # None when absent or expired
             if state is None:
                 state = _LiveState(model.init_hidden(1), None, [], now)
             if known:
@@ -310,9 +292,7 @@ class LiveSessions:
                     gates = model.input_gates(torch.tensor(known))  # (1, 3H)
                     state.output, state.hidden = model.infer_step(gates, state.hidden)
                 state.seen.append(known[0])
-            state.touched = now
-            self._states[session_id] = state
-            self._evict(now)
+            self._store.put(session_id, state, now)
             output = state.output
             seen = list(state.seen)
         if output is None:
@@ -323,4 +303,4 @@ class LiveSessions:
     def end(self, session_id: Hashable) -> None:
         """Forget a session now (the user left); unknown ids are ignored."""
         with self._lock:
-            self._states.pop(session_id, None)
+            self._store.drop(session_id)
