@@ -10,13 +10,22 @@ import pytest
 import torch
 
 from recsys.config import ModelConfig
+from recsys.data.batching import session_arrays
 from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.model.artifact import ItemIndex, TrainedModel
 from recsys.model.gru4rec import GRU4Rec
-from recsys.model.readout import NO_ITEM, RepeatReadout, distinct_history, push, recent_items
+from recsys.model.readout import (
+    GATE_INIT,
+    NO_ITEM,
+    RepeatReadout,
+    distinct_history,
+    push,
+    recent_items,
+)
 from recsys.ranking import CatalogueRanker, rank_scores
 from recsys.serving.recommender import SessionRecommender
-from recsys.training.trainer import train_gru4rec
+from recsys.training.readout_loss import SampledPartition, readout_loss
+from recsys.training.trainer import Trainer, item_support, train_gru4rec
 from tests.helpers import deterministic_log, small_train_config
 
 
@@ -27,10 +36,15 @@ def test_readout_off_is_the_published_network_weight_for_weight() -> None:
     )
     assert plain.readout is None
     readout_keys = {k for k in with_readout.state_dict() if k.startswith("readout.")}
-    assert readout_keys == {"readout.gate_w", "readout.gate_b", "readout.decay_logit"}
+    assert readout_keys == {
+        "readout.gate_w",
+        "readout.gate_b",
+        "readout.decay_logit",
+        "readout.log_temperature",
+    }
     for name, tensor in plain.state_dict().items():  # no random draw moved
         assert torch.equal(tensor, with_readout.state_dict()[name]), name
-    assert len(with_readout.dense_parameters()) == len(plain.dense_parameters()) + 3
+    assert len(with_readout.dense_parameters()) == len(plain.dense_parameters()) + 4
 
 
 def test_the_bonus_and_its_gradient_against_finite_differences() -> None:
@@ -70,19 +84,110 @@ def test_history_helpers_keep_the_most_recent_position_of_each_item() -> None:
 
 @pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max", "top1-max"])
 @pytest.mark.parametrize("kernels", ["torch", "auto"])
-def test_the_readout_trains_with_every_loss(loss: str, kernels: str) -> None:
+def test_the_readout_learns_beside_the_network_and_leaves_it_as_without(
+    loss: str, kernels: str
+) -> None:
     log = deterministic_log(n_items=30, n_sessions=300)
+    log = log.with_columns((log["item_idx"] % 6).alias("item_idx"))  # sessions revisit items
     cfg = small_train_config(loss=loss, kernels=kernels, logq=1.0 if loss == "cross-entropy" else 0)
-    model_cfg = ModelConfig(layers=[16], readout="repeat", repeat_window=4)
-    result = train_gru4rec(log, 30, model_cfg, cfg)
+    plain = train_gru4rec(log, 30, ModelConfig(layers=[16]), cfg)
+    result = train_gru4rec(
+        log, 30, ModelConfig(layers=[16], readout="repeat", repeat_window=4), cfg
+    )
     readout = result.model.readout
     assert readout is not None
     assert all(np.isfinite(r["loss"]) for r in result.history)
-    learned = float(readout.gate_w.detach().abs().sum()) + abs(float(readout.gate_b.detach()) + 3)
-    assert learned > 0  # the readout's parameters moved
-    again = train_gru4rec(log, 30, model_cfg, cfg)  # same seed, same weights
-    for a, b in zip(result.model.parameters(), again.model.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert float(readout.gate_b.detach()) != GATE_INIT  # the readout learned
+    assert float(readout.gate_w.detach().abs().sum()) > 0
+    network = {k: v for k, v in result.model.state_dict().items() if not k.startswith("readout.")}
+    assert network.keys() == plain.model.state_dict().keys()
+    for name, tensor in plain.model.state_dict().items():  # bit for bit: same seed, same steps
+        assert torch.equal(tensor, network[name]), name
+
+
+def _readout_inputs(seed: int) -> tuple[torch.Tensor, ...]:
+    """A step of 3 slots over 12 items: outputs, all catalogue scores, history, targets."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    scores = torch.randn(3, 12, generator=gen, dtype=torch.float64)
+    history = torch.tensor([[5, 2, 5, 1], [7, NO_ITEM, NO_ITEM, NO_ITEM], [3, 4, 6, 8]])
+    targets = torch.tensor([2, 9, 8])  # in the history, not in it, at the oldest position
+    return out, scores, history, targets
+
+
+def _uniform_partition(n_items: int) -> SampledPartition:
+    """With α = 0 and the whole catalogue as the draw, the importance estimate of Z is exact."""
+    cpu = torch.device("cpu")
+    return SampledPartition(torch.ones(n_items), 0.0, cpu, dtype=torch.float64)
+
+
+def test_the_readout_loss_is_the_full_softmax_likelihood_of_the_boosted_scores() -> None:
+    out, scores, history, targets = _readout_inputs(0)
+    readout = RepeatReadout(4, window=4).double()
+    with torch.no_grad():
+        readout.gate_b.fill_(0.7)
+        readout.gate_w.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))
+        readout.log_temperature.fill_(0.4)
+    rows, everything = torch.arange(3), torch.arange(12)
+    got = readout_loss(
+        readout,
+        _uniform_partition(12),
+        out,
+        scores[rows, targets],
+        (scores, everything),
+        scores.gather(1, history.clamp_min(0)),
+        history,
+        targets,
+    )
+    # every item's boosted score, at the readout's temperature
+    full = (scores + readout.bonus(out, history, everything)) / np.exp(0.4)
+    expected = -torch.log_softmax(full, 1)[rows, targets].sum()
+    torch.testing.assert_close(got, expected)
+
+
+def test_the_readout_loss_gradient_against_finite_differences() -> None:
+    out, scores, history, targets = _readout_inputs(1)
+    readout = RepeatReadout(4, window=4).double()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in readout.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    rows = torch.arange(3)
+    samples = torch.tensor([0, 3, 3, 7, 10, 11])  # a draw with a repeat
+    support = torch.arange(1.0, 13.0)
+    partition = SampledPartition(support, 0.5, torch.device("cpu"), dtype=torch.float64)
+    fixed = (scores[rows, targets], (scores[:, samples], samples))
+
+    def loss() -> torch.Tensor:
+        hist_scores = scores.gather(1, history.clamp_min(0))
+        return readout_loss(readout, partition, out, *fixed, hist_scores, history, targets)
+
+    loss().backward()
+    eps = 1e-6
+    for name, p in readout.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        for i in range(p.numel()):
+            with torch.no_grad():
+                flat = p.view(-1)
+                flat[i] += eps
+                up = float(loss())
+                flat[i] -= 2 * eps
+                down = float(loss())
+                flat[i] += eps
+            numeric = (up - down) / (2 * eps)
+            assert numeric == pytest.approx(float(p.grad.view(-1)[i]), rel=1e-6, abs=1e-8), name
+
+
+def test_the_sampled_partition_is_exact_for_a_uniform_draw_of_the_whole_catalogue() -> None:
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 9, generator=gen)
+    support = torch.tensor([1.0, 5, 2, 9, 1, 3, 7, 2, 4])
+    partition = SampledPartition(support, alpha=0.0, device=torch.device("cpu"))
+    torch.testing.assert_close(partition(scores, torch.arange(9)), torch.logsumexp(scores, 1))
+    # ∝ pop: each item once, weighted by 1 / pop, still estimates Σ e^s up to the draw's noise
+    weighted = SampledPartition(support, alpha=1.0, device=torch.device("cpu"))
+    draw = torch.repeat_interleave(torch.arange(9), support.long())  # a draw in exact proportion
+    torch.testing.assert_close(weighted(scores[:, draw], draw), torch.logsumexp(scores, 1))
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +256,32 @@ def test_the_certified_pass_with_boosts_equals_full_scoring() -> None:
         assert torch.equal(got.ranks, expected.ranks)
         torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=1e-5)
         assert got.certified > 0.9 * len(got.items)
+
+
+def test_held_out_sessions_teach_the_readout_and_never_the_network() -> None:
+    log = deterministic_log(n_items=30, n_sessions=200)
+    log = log.with_columns((log["item_idx"] % 6).alias("item_idx"))  # sessions revisit items
+    model_cfg = ModelConfig(layers=[16], readout="repeat", repeat_window=4, repeat_holdout=0.5)
+    cfg = small_train_config(logq=1.0)
+    network = GRU4Rec(30, model_cfg, seed=cfg.seed)
+    trainer = Trainer(network, cfg, item_support(log, 30), torch.device("cpu"))
+    data = session_arrays(log)
+    held = trainer.held_out_events(data)
+    assert held is not None and np.array_equal(held, trainer.held_out_events(data))  # fixed
+    per_session = held[data.offsets[:-1]]
+    assert 0.35 < per_session.mean() < 0.65  # about the configured share of the sessions
+    for k in range(data.n_sessions):  # whole sessions, never a part of one
+        assert len(set(held[data.offsets[k] : data.offsets[k + 1]])) == 1
+
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    inputs, targets = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 4])
+    history = torch.tensor(
+        [[0, 1, 5, 1], [1, 2, 2, -1], [2, 3, -1, -1], [3, 0, 4, -1]]
+    )  # input first
+    hidden = network.init_hidden(4)
+    trainer.train_step(inputs, targets, hidden, history, torch.ones(4, dtype=torch.bool))
+    after = network.state_dict()
+    for name, tensor in before.items():  # every slot held out: only the readout moved
+        assert torch.equal(tensor, after[name]) != name.startswith("readout."), name
+    trainer.train_step(inputs, targets, hidden, history, torch.tensor([True, False, True, True]))
+    assert not torch.equal(before["w_ih.0"], network.state_dict()["w_ih.0"])  # one slot: learns

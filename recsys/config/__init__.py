@@ -145,10 +145,12 @@ class ModelConfig(Section):
     embedding_dim: Annotated[Int, Field(ge=0)] = 0  # separate mode; 0 = size of the first layer
     dropout_embed: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     dropout_hidden: Annotated[Float, Field(ge=0, lt=1)] = 0.0
-    # gru4rec: catalogue scores only (the published model); repeat: plus a learned bonus for the
-    # session's own last `repeat_window` items (recsys/model/readout.py)
+    # gru4rec: the published model; repeat: + a learned bonus for the session's own last
+    # `repeat_window` items (model/readout.py), learned on the `repeat_holdout` share of the
+    # training sessions alone, which the network does not fit
     readout: Literal["gru4rec", "repeat"] = "gru4rec"
     repeat_window: Annotated[Int, Field(ge=1, le=200)] = 10
+    repeat_holdout: Annotated[Float, Field(ge=0, le=0.5)] = 0.1
 
     @field_validator("layers")
     @classmethod
@@ -205,18 +207,7 @@ class FusionConfig(Section):
     bonus_weights: list[Annotated[FiniteFloat, Field(ge=0)]] = []
     # a late fusion with this configured baseline (e.g. stan); None = no such row
     hybrid_baseline: str | None = None
-    hybrid_weights: list[Annotated[FiniteFloat, Field(ge=0, le=1)]] = [
-        0.0,
-        0.1,
-        0.2,
-        0.3,
-        0.4,
-        0.5,
-        0.6,
-        0.7,
-        0.8,
-        0.9,
-    ]
+    hybrid_weights: list[Annotated[FiniteFloat, Field(ge=0, le=1)]] = [i / 10 for i in range(10)]
 
     @property
     def enabled(self) -> bool:

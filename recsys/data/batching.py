@@ -64,6 +64,7 @@ class Step:
     targets: np.ndarray  # (B,) int64
     reset: np.ndarray  # (B,) bool: slot starts a new session at this step
     keep: np.ndarray | None  # indices into the previous step's slots
+    positions: np.ndarray | None = None  # (B,) the inputs' positions in ``SessionArrays.items``
 
 
 def session_parallel_batches(
@@ -84,7 +85,7 @@ def session_parallel_batches(
     keep: np.ndarray | None = None
     items = data.items
     while len(cur):
-        yield Step(items[cur], items[cur + 1], reset, keep)
+        yield Step(items[cur], items[cur + 1], reset, keep, cur)
         cur = cur + 1
         done = np.flatnonzero(cur + 1 >= end)
         reset = np.zeros(len(cur), dtype=bool)

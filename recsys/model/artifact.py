@@ -120,7 +120,10 @@ class TrainedModel:
         try:
             config = ModelConfig.model_validate(payload["model_config"])
             network = GRU4Rec(int(payload["n_items"]), config)
-            network.load_state_dict(payload["state"])
+            state = dict(payload["state"])
+            if network.readout is not None:  # files from before the temperature: τ = 1 ranks
+                state.setdefault("readout.log_temperature", torch.zeros(1))  # as they did
+            network.load_state_dict(state)
             items = ItemIndex.of(payload["item_ids"], payload.get("support"))
             if payload.get("id_kind", items.id_kind) != items.id_kind:
                 raise RecsysError("the item ids are not of the kind the file declares")

@@ -5,12 +5,18 @@ GRU4Rec reaches an item the visitor already clicked only through its hidden stat
 e-commerce logs a fifth (Diginetica) to a half of the next clicks return to such an item. This
 readout gives each of the session's last ``repeat_window`` items a bonus
 
-    bonus_j = g(h) · log(1 + Σ_{t: i_t = j} λ^age_t),    g(h) = softplus(u·h + c),  λ = σ(θ)
+    bonus_j = τ · g(h) · log(1 + Σ_{t: i_t = j} λ^age_t),   g(h) = softplus(u·h + c),  λ = σ(θ)
 
 on top of ``h · w_j + b_j``: a learned gate (how much this session is in a "repeat mode",
 RepeatNet's idea, Ren et al. AAAI 2019) times a recency-weighted count (λ learned too). It is
-additive in score space, so every loss, the sampler and the certified ranker work unchanged,
-and ``g ≡ w, λ = 1`` is exactly the fixed session-item bonus ``w · log(1 + count)``.
+additive in score space, so the certified ranker works unchanged, and ``g ≡ w, λ = 1, τ = 1`` is
+exactly the fixed session-item bonus ``w · log(1 + count)``.
+
+τ is the temperature of the catalogue scores: the readout is learned as the likelihood of
+softmax(s / τ + g(h) · log(...)) (``recsys.training.readout_loss``), because a trained GRU4Rec's scores
+are over-confident (on the RSC15 sample the likelihood wants them at about half their scale)
+and the bonus that maximises the likelihood of uncalibrated scores is far too small to rank well.
+Ranking by s / τ + g · log(...) is ranking by s + bonus, so every scoring path adds the bonus.
 
 History is a (B, L) tensor of item indices, most recent first, ``-1`` where the session is
 shorter than the window. The slot's history resets with the slot.
@@ -30,7 +36,7 @@ GATE_INIT = -3.0  # softplus(-3) ≈ 0.05: the readout starts as (nearly) plain 
 
 
 class RepeatReadout(nn.Module):
-    """Gate u (H,), c (1,) and recency logit θ (1,); three dense parameters."""
+    """Gate u (H,), c (1,), recency logit θ (1,) and log-temperature (1,): dense parameters."""
 
     def __init__(self, hidden: int, window: int) -> None:
         super().__init__()
@@ -38,6 +44,7 @@ class RepeatReadout(nn.Module):
         self.gate_w = nn.Parameter(torch.zeros(hidden))
         self.gate_b = nn.Parameter(torch.full((1,), GATE_INIT))
         self.decay_logit = nn.Parameter(torch.zeros(1))  # λ = 0.5 at the start
+        self.log_temperature = nn.Parameter(torch.zeros(1))  # τ = 1 at the start
 
     def gate(self, out: torch.Tensor) -> torch.Tensor:
         """g(h) >= 0 per row: (B,)."""
@@ -56,7 +63,8 @@ class RepeatReadout(nn.Module):
 
     def bonus(self, out: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The additive score of ``items`` (B, C) or (C,) for each row of ``out`` (B, H)."""
-        return self.gate(out).unsqueeze(1) * torch.log1p(self.recency(history, items))
+        weight = self.gate(out) * torch.exp(self.log_temperature)  # τ · g(h)
+        return weight.unsqueeze(1) * torch.log1p(self.recency(history, items))
 
     def forward(
         self, out: torch.Tensor, history: torch.Tensor, items: torch.Tensor
@@ -74,7 +82,8 @@ class RepeatReadout(nn.Module):
 def distinct_history(history: torch.Tensor) -> torch.Tensor:
     """History with every repeat of an item after its most recent position set to NO_ITEM."""
     same = history.unsqueeze(2) == history.unsqueeze(1)  # (B, L, L)
-    earlier = torch.ones_like(same[0], dtype=torch.bool).tril(-1)  # position l' < l
+    window = history.shape[1]
+    earlier = torch.ones(window, window, dtype=torch.bool, device=history.device).tril(-1)  # l' < l
     repeated = (same & earlier).any(2)
     return history.masked_fill(repeated, NO_ITEM)
 

@@ -44,16 +44,9 @@ def step_rows(model: GRU4Rec, inputs: torch.Tensor, out_idx: torch.Tensor) -> St
     return StepRows(x, item_rows, bias_rows, out_rows, out_inv, in_rows, in_table)
 
 
-def apply_updates(
-    opt: RowAdagradM,
-    model: GRU4Rec,
-    leaves: StepRows,
-    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> None:
-    """After ``backward``: dense Adagrad on the network's weights, row-sparse on the item rows
-    the step read. ``extra`` = (item indices, their output-row and bias gradients) of rows read
-    outside ``leaves`` (the repeat readout's history columns); a row read both ways gets one
-    update with the summed gradient.
+def apply_updates(opt: RowAdagradM, model: GRU4Rec, leaves: StepRows) -> None:
+    """After ``backward``: dense Adagrad on the network's weights (and the repeat readout's),
+    row-sparse on the item rows the step read.
 
     The optimiser updates the parameters themselves (under no_grad), not their ``.data``:
     in-place changes through ``.data`` do not bump a tensor's version, and caches keyed on it
@@ -64,17 +57,9 @@ def apply_updates(
     opt.dense_all([f"dense{i}" for i in range(len(dense))], dense, grads)
     for p in dense:
         p.grad = None
-    rows, out_grad, bias_grad = leaves.out_rows, leaves.item_rows.grad, leaves.bias_rows.grad
+    out_grad, bias_grad = leaves.item_rows.grad, leaves.bias_rows.grad
     assert out_grad is not None and bias_grad is not None
-    if extra is not None:
-        rows, inv = torch.unique(torch.cat((leaves.out_rows, extra[0])), return_inverse=True)
-        out_grad = torch.zeros(len(rows), out_grad.shape[1], device=out_grad.device).index_add_(
-            0, inv, torch.cat((out_grad, extra[1]))
-        )
-        bias_grad = torch.zeros(len(rows), device=bias_grad.device).index_add_(
-            0, inv, torch.cat((bias_grad, extra[2]))
-        )
-    opt.rows("item_out", model.item_out, rows, out_grad)
-    opt.rows("item_bias", model.item_bias, rows, bias_grad)
+    opt.rows("item_out", model.item_out, leaves.out_rows, out_grad)
+    opt.rows("item_bias", model.item_bias, leaves.out_rows, bias_grad)
     if leaves.in_rows is not None and leaves.in_table is not None:
         opt.rows("item_in", model.item_in, leaves.in_rows, leaves.in_table.grad)  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ import torch
 
 from recsys.config import ModelConfig, TrainConfig
 from recsys.core.atomic import atomic_path
-from recsys.core.errors import RecsysError
+from recsys.core.errors import RecsysError, first_line
 from recsys.core.progress import Progress
 from recsys.data.batching import SessionArrays, session_arrays, session_parallel_batches
 from recsys.data.schema import ITEM_IDX
@@ -35,7 +35,8 @@ from recsys.model.readout import NO_ITEM, push
 from recsys.model.sampling import SampleStore
 from recsys.training.allocator import retain_freed_memory
 from recsys.training.leaves import apply_updates, step_rows
-from recsys.training.repeat_step import repeat_train_step
+from recsys.training.readout_loss import SampledPartition, step_readout_loss
+from recsys.training.threads import apply_threads
 
 CHECKPOINT = "last.pt"
 CHECK_EVERY = 50  # steps between reading losses back (divergence check, progress bar)
@@ -95,6 +96,10 @@ class Trainer:
             self.device,
         )
         self.log_pop = torch.log(self.support.clamp_min(1).to(torch.float32)).to(self.device)
+        # the readout's log Z: from the shared samples (∝ pop^α), or from the in-batch targets
+        # (clicks, ∝ pop) when there are no samples
+        alpha = cfg.sample_alpha if cfg.n_sample else 1.0
+        self.partition = SampledPartition(self.support, alpha, self.device)
         self.loss_name = cfg.loss
         self.bf16 = use_bf16(cfg.matmul, self.device)
         if self.bf16 and self.device.type == "cpu" and not bf16_is_native():
@@ -125,13 +130,12 @@ class Trainer:
         targets: torch.Tensor,
         hidden: list[torch.Tensor],
         history: torch.Tensor | None = None,
+        held: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One click per slot: loss, backward, row-sparse and dense updates. ``history`` (B, L):
-        each slot's last items, current input first (the repeat readout's input)."""
+        each slot's last items, current input first (the repeat readout's input); ``held``
+        (B,): the slots whose sessions the network does not learn from (the readout's)."""
         model = self.model
-        if model.readout is not None:
-            assert history is not None
-            return repeat_train_step(self, inputs, targets, hidden, history)
         b = len(targets)
         samples = self.sampler.draw()
         out_idx = torch.cat((targets, samples))  # (B + n_sample,)
@@ -141,7 +145,25 @@ class Trainer:
         # cheaper than gathering (B + n_sample, H) item vectors, forward and backward.
         distinct = linear(out, leaves.item_rows, leaves.bias_rows, self.bf16)  # (B, U)
         scores = distinct.index_select(1, leaves.out_inv)  # (B, B + n_sample)
-        loss = self._loss(scores, out_idx, b) / self.config.batch_size
+        if held is None:
+            loss = self._loss(scores, out_idx, b) / self.config.batch_size
+        else:  # the network's loss without the held-out slots, as rows and as positives
+            rows = torch.nonzero(~held).squeeze(1)
+            cols = torch.cat((rows, torch.arange(b, len(out_idx), device=rows.device)))
+            loss = scores.sum() * 0.0  # no slot of the network's in this step
+            if len(rows):
+                loss = self._loss(scores[rows][:, cols], out_idx[cols], len(rows))
+            loss = loss / self.config.batch_size
+        if model.readout is not None:
+            assert history is not None
+            mine = torch.arange(b, device=out.device) if held is None else torch.nonzero(held)
+            loss = (
+                loss
+                + step_readout_loss(
+                    model, self.partition, out, scores, samples, history, targets, mine.view(-1)
+                )
+                / self.config.batch_size
+            )
         loss.backward()
 
         apply_updates(self.optimizer, model, leaves)
@@ -159,6 +181,7 @@ class Trainer:
             history = torch.full(
                 (len(hidden[0]), model.readout.window), NO_ITEM, device=self.device
             )
+        held_events = self.held_out_events(data)  # per click: its session is the readout's
         total = 0.0  # summed per-event loss of the steps checked so far
         pending: list[torch.Tensor] = []  # step losses not yet read back to the host
         events = 0
@@ -183,7 +206,10 @@ class Trainer:
                 targets = torch.from_numpy(step.targets).to(self.device)
                 if history is not None:
                     history = push(history, inputs)
-                loss, hidden = self.train_step(inputs, targets, hidden, history)
+                held = None
+                if held_events is not None:
+                    held = torch.from_numpy(held_events[step.positions]).to(self.device)
+                loss, hidden = self.train_step(inputs, targets, hidden, history, held)
                 pending.append(loss)
                 events += b
                 steps += 1
@@ -207,6 +233,16 @@ class Trainer:
             "products": "bf16" if self.bf16 else "fp32",
             "kernels": "native" if self.kernels is not None else "torch",
         }
+
+    def held_out_events(self, data: SessionArrays) -> np.ndarray | None:
+        """Per click, whether its session is one of the readout's (``model.repeat_holdout``):
+        a fixed, seeded share of the sessions, the same in every epoch and after a resume."""
+        share = self.model.config.repeat_holdout
+        if self.model.readout is None or share == 0:
+            return None
+        rng = np.random.default_rng(self.config.seed + 2)
+        held = rng.random(data.n_sessions) < share
+        return np.repeat(held, np.diff(data.offsets))
 
     def _settle(self, pending: list[torch.Tensor], epoch: int, steps: int) -> float:
         """Read the pending step losses back in one transfer, stop on the first non-finite one,
@@ -289,8 +325,7 @@ def train_gru4rec(
     cfg = train_config
     n_epochs = epochs if epochs is not None else cfg.epochs
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)  # 0: one core left to the rest of the machine
     torch.manual_seed(cfg.seed)
     data = session_arrays(train)
     if data.n_events == 0:
@@ -302,8 +337,14 @@ def train_gru4rec(
     key = _fingerprint(model_config, cfg, n_items, data.n_events)
     ckpt_path = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
     if resume and ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("key") != key:
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated, tampered or not a checkpoint
+            raise RecsysError(
+                f"{ckpt_path}: the checkpoint is damaged ({first_line(exc, 120)}); "
+                f"remove it or train without --resume"
+            ) from None
+        if not isinstance(state, dict) or state.get("key") != key:
             raise RecsysError(
                 f"{ckpt_path}: the checkpoint was written for another config or dataset; "
                 f"remove it or train without --resume"
