@@ -163,30 +163,36 @@ def _post(port: int, path: str) -> tuple[int, Any]:
 
 
 def held_sessions_memory(model_path: Path, sessions: list[list[Any]], held: int) -> dict[str, Any]:
-    """(g) RSS growth of ``held`` sessions in a store (each a median session replayed: its
-    state and kept clicks) and the replay's time."""
+    """(g) RSS growth of ``held`` sessions made the way clicks make them (one GRU step per click
+    for 64 sessions at a time, the state and kept clicks stored), then the time to replay them
+    all into a model, which is what a roll-over does in the background."""
     import torch
 
-    from recsys.serving.live_store import SessionStore
+    from recsys.serving.live_store import SessionStore, replay_states, step_states
     from recsys.serving.recommender import SessionRecommender
 
     torch.set_num_threads(1)
     rec = SessionRecommender.load(model_path, threads=1)
     picked = [sessions[i % len(sessions)] for i in range(held)]
-    indices = [rec.to_indices(s)[0] for s in picked]
-    store = SessionStore(capacity=held)
+    store: SessionStore[Any] = SessionStore(capacity=held)
     before = _rss_mib()
-    start = time.perf_counter()
-    from recsys.serving.live_store import replay_states
-
-    states = replay_states(rec.model, indices)
-    replay_s = time.perf_counter() - start
     now = store.clock()
-    for i, (session, state, seen) in enumerate(zip(picked, states, indices, strict=True)):
-        kept = store.get_or_start(f"held-{i}", now)
-        kept.clicks.extend(session)
-        kept.state, kept.seen = state, seen
+    for start in range(0, held, 64):
+        group = [store.get_or_start(f"held-{i}", now) for i in range(start, min(held, start + 64))]
+        for t in range(len(picked[0])):
+            items = [rec.to_indices([picked[start + j][t]])[0] for j in range(len(group))]
+            stepping = [j for j, known in enumerate(items) if known]
+            if stepping:
+                states = [group[j].state for j in stepping]
+                new = step_states(rec.model, states, [items[j][0] for j in stepping])
+                for row, j in enumerate(stepping):
+                    group[j].state = new[row].clone()
+            for j, session in enumerate(group):
+                store.keep(session, picked[start + j][t], items[j][0] if items[j] else None)
     grown = _rss_mib() - before
+    began = time.perf_counter()
+    replay_states(rec.model, [s.seen for _, s in store.items()])
+    replay_s = time.perf_counter() - began
     return {
         "case": f"(g) {held:,} held sessions ({len(picked[0])} clicks each): memory and replay",
         "held_mib": round(grown, 1),
@@ -276,3 +282,38 @@ def _alias(version: str) -> None:
     from recsys.serving.mlflow_store import connect
 
     connect().set_registered_model_alias(NAME, "champion", version)
+
+
+def sweep_windows(model: Path, windows: list[float], seconds: float = 10.0) -> list[dict[str, Any]]:
+    """The batch window's effect: ``recsys serve-live -m MODEL --batch-window-ms W`` for each W,
+    50 paced clients then 50 closed-loop ones for ``seconds`` each, on the Diginetica test
+    sessions of the median length (``python -m benchmarks.serve_live MODEL 0,1,2``)."""
+    from benchmarks.train import load_train
+    from recsys.data.schema import ITEM, SESSION, TIME
+
+    dataset, _ = load_train()
+    grouped = dataset.test.sort(SESSION, TIME).group_by(SESSION, maintain_order=True).agg(ITEM)
+    median, _ = clicks_of(grouped[ITEM].to_list())
+    rows = []
+    for window in windows:
+        port = free_port()
+        command = [str(Path(sys.executable).parent / "recsys"), "serve-live", "-m", str(model)]
+        command += ["-p", str(port), "--batch-window-ms", str(window)]
+        with tempfile.TemporaryDirectory(prefix="bench-window-") as tmp:
+            log = Path(tmp) / "live.log"
+            proc = start_server(command, dict(os.environ), log)
+            try:
+                wait_ready(f"http://{HOST}:{port}", proc, log)
+                makers = [live_requests(median, c, f"w{window}-") for c in range(50)]
+                load(port, makers[:4], 2.0)  # warm-up
+                paced = load(port, makers, seconds, PACE_S)
+                closed = load(port, [live_requests(median, c, "c") for c in range(50)], seconds)
+            finally:
+                stop_server(proc)
+        rows.append({"window_ms": window, "paced": paced, "closed_loop": closed})
+    return rows
+
+
+if __name__ == "__main__":
+    for result in sweep_windows(Path(sys.argv[1]), [float(w) for w in sys.argv[2].split(",")]):
+        print(json.dumps(result))

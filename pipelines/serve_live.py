@@ -32,7 +32,7 @@ class LiveOptions:
     ttl_seconds: float = 1800.0
     max_clicks: int = 200
     poll_seconds: float = 30.0
-    window_ms: float = 2.0
+    window_ms: float = 0.0  # see docs/serving.md, "Micro-batching": measured A/B
     max_batch: int = 64
     body_limit: int = 1_000_000
     max_k: int = 1000

@@ -3,8 +3,9 @@ catalogue pass, and a model swap happens between two batches.
 
 One worker thread owns the model and the session store, so no state needs a lock: request
 handlers put operations on a queue and wait on a future. The worker takes the first waiting
-operation, gathers what else arrives within ``window_s`` (or until ``max_batch``), and runs
-them in arrival order. Consecutive clicks and reads of distinct sessions are scored together:
+operation, gathers what is queued and what arrives within ``window_s`` (default 0: only what
+is queued; under load, everything that arrived during the last batch), up to ``max_batch``,
+and runs them in arrival order. Consecutive clicks and reads of distinct sessions are scored together:
 their answers are those of one-at-a-time scoring, because each session's step depends only on
 its own state (the products are summed in another order: scores agree to float rounding).
 """
@@ -23,7 +24,13 @@ import torch
 
 from recsys.core.errors import RecsysError
 from recsys.model.artifact import plain_id
-from recsys.serving.live_store import SessionStore, output_of, replay_states, step_states
+from recsys.serving.live_store import (
+    KeptSession,
+    SessionStore,
+    output_of,
+    replay_states,
+    step_states,
+)
 from recsys.serving.recommender import Recommendation, SessionRecommender
 
 
@@ -59,7 +66,7 @@ class Stateless:  # /invocations: whole sessions, as `mlflow models serve` score
 
 
 @dataclass(frozen=True)
-class Snapshot:  # every session's kept clicks, for a replay into the next model
+class Snapshot:  # the held sessions (id, session), for a replay into the next model
     pass
 
 
@@ -80,7 +87,7 @@ class MicroBatcher:
         self,
         recommender: SessionRecommender,
         store: SessionStore,
-        window_s: float = 0.002,
+        window_s: float = 0.0,
         max_batch: int = 64,
         label: Any = None,
     ) -> None:
@@ -176,8 +183,8 @@ class MicroBatcher:
             return self.store.drop(op.session_id)
         if isinstance(op, Stateless):
             return self.rec.recommend_batch(op.sessions, op.k, op.exclude_seen)
-        if isinstance(op, Snapshot):
-            return {sid: (s.changes, list(s.clicks)) for sid, s in self.store.items()}
+        if isinstance(op, Snapshot):  # a list copy: the replay reads the sessions off this thread
+            return list(self.store.items())
         if isinstance(op, Swap):
             return self._swap(op)
         raise RecsysError(f"unknown operation {type(op).__name__}")
@@ -246,13 +253,26 @@ class MicroBatcher:
 
 
 def replay_snapshot(
-    recommender: SessionRecommender, snapshot: dict[Hashable, tuple[int, list[Any]]]
+    recommender: SessionRecommender,
+    held: list[tuple[Hashable, KeptSession]],
+    done: dict[Hashable, tuple[int, torch.Tensor | None, list[int]]] | None = None,
 ) -> dict[Hashable, tuple[int, torch.Tensor | None, list[int]]]:
-    """Every snapshot session's state on a new model (off the worker thread, before a swap)."""
-    ids = list(snapshot)
-    seen = [recommender.to_indices(snapshot[sid][1])[0] for sid in ids]
-    states = replay_states(recommender.model, seen)
+    """Held sessions' states on a new model, off the worker thread, before a swap; with
+    ``done`` (an earlier pass), only those clicked or started since it.
+
+    The worker keeps changing the sessions meanwhile: each one's click count is read before
+    its clicks, and the worker updates the clicks before the count, so a session read during
+    a click carries its older count and is replayed again at the swap.
+    """
+    done = done or {}
+    todo: list[tuple[Hashable, int, list[int]]] = []
+    for sid, session in held:
+        changes = session.changes
+        if sid in done and done[sid][0] == changes:
+            continue
+        todo.append((sid, changes, recommender.to_indices(list(session.clicks))[0]))
+    states = replay_states(recommender.model, [seen for _, _, seen in todo])
     return {
-        sid: (snapshot[sid][0], state, kept)
-        for sid, state, kept in zip(ids, states, seen, strict=True)
+        sid: (changes, state, seen)
+        for (sid, changes, seen), state in zip(todo, states, strict=True)
     }

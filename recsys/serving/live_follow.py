@@ -112,8 +112,12 @@ class ModelFollower:
             return {"swapped": True, "version": latest, "previous": previous, **done}
 
     def _prepare(self, version: str) -> tuple[SessionRecommender, dict[Any, Any]]:
+        """Load, replay every held session, then catch up on those clicked during that replay,
+        so that the swap itself (on the worker, between two batches) replays only a few."""
         new = self.loader(self.name, version)
-        return new, replay_snapshot(new, self.batcher.call(Snapshot()))
+        replayed = replay_snapshot(new, self.batcher.call(Snapshot()))
+        replayed.update(replay_snapshot(new, self.batcher.call(Snapshot()), replayed))
+        return new, replayed
 
     def start(self) -> None:
         if self.poll_seconds > 0 and self._thread is None:
