@@ -51,24 +51,31 @@ def settings() -> dict[str, tuple[ModelConfig, TrainConfig]]:
     """The training settings, by row name; (b) and its variants come from the Diginetica config.
 
     (b) takes fp32 products (the config's ``auto`` would differ between machines) and the
-    benchmark's sample store; (b') changes only the products to bf16, (b'') also swaps the
+    benchmark's sample store; (a+) and (b+) add the repeat readout; (b') changes only the products to bf16, (b'') also swaps the
     native kernels for torch ops (what they give, in the same run).
     """
     b = diginetica_config({"train.matmul": "fp32", "train.sample_store_size": SAMPLE_STORE})
+    a_train = TrainConfig(
+        loss="cross-entropy",
+        batch_size=32,
+        n_sample=2048,
+        sample_alpha=0.5,
+        logq=1.0,
+        learning_rate=0.1,
+        sample_store_size=SAMPLE_STORE,
+    )
+    readout = {"readout": "repeat"}  # the rows "+ readout": the issue's 15 % budget, same run
     return {
         "a: 100 units, batch 32, XE+logQ": (
             ModelConfig(layers=[100], embedding="shared"),
-            TrainConfig(
-                loss="cross-entropy",
-                batch_size=32,
-                n_sample=2048,
-                sample_alpha=0.5,
-                logq=1.0,
-                learning_rate=0.1,
-                sample_store_size=SAMPLE_STORE,
-            ),
+            a_train,
+        ),
+        "a+: (a) with the repeat readout": (
+            ModelConfig(layers=[100], embedding="shared", **readout),
+            a_train,
         ),
         SETTING_B: (b.model, b.train),
+        "b+: (b) with the repeat readout": (b.model.model_copy(update=readout), b.train),
         "b': the same with bf16 products": (
             b.model,
             b.train.model_copy(update={"matmul": "bf16"}),
