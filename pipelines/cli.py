@@ -161,7 +161,7 @@ def pipeline(config_path: Path, force: bool, promote: bool) -> None:
     """prepare -> train -> evaluate -> register, tracked as one MLflow parent run."""
     from pipelines.run import run_pipeline
 
-    run_pipeline(_load(config_path), force=force, promote=promote)
+    run_pipeline(_load(config_path), force=force, promote=promote, config_path=config_path)
 
 
 @main.command()
@@ -359,6 +359,11 @@ def ui(port: int) -> None:
     command += ["--port", str(port), "--workers", "1"]
     if not Path(mlflow).is_file():
         raise RecsysError(f"{mlflow}: mlflow is not installed in this environment")
+    click.echo(
+        f"MLflow UI on http://127.0.0.1:{port}; recsys runs are in its Model training view "
+        f"(the switch atop the side bar; `recsys pipeline` prints its experiment's link)",
+        err=True,
+    )
     os.execve(command[0], command, server_env(os.environ))
 
 

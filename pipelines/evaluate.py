@@ -9,20 +9,23 @@ import polars as pl
 
 from pipelines.cache import config_key, read_marker, step_key
 from pipelines.report import format_table
-from pipelines.tracking import TAG_CACHED, TAG_DATA, Tracker
+from pipelines.tracking import TAG_CACHED, TAG_DATA, Tracker, find_logged_model, split_inputs
 from pipelines.train import trained_meta
 from recsys.config import Config
 from recsys.core.atomic import atomic_path, write_json
-from recsys.core.metrics import metric_name
-from recsys.core.plots import plot_metrics
+from recsys.core.metrics import metric_name, parse_metric
+from recsys.core.plots import plot_leaderboard, plot_metrics
 from recsys.core.progress import step
 from recsys.data.preparation import load_prepared
+from recsys.data.schema import TEST, TRAIN, TRAIN_TR, VALID
 from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import EvaluationResult, evaluate
 
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
-METRICS_PLOT = "metrics.png"
+METRICS_PLOT = "metrics.png"  # the leaderboard at the registry metric's cut-off
+METRICS_AT_K_PLOT = "metrics_at_k.png"  # Recall@K and MRR@K over the cut-offs
+RESULTS_TABLE = "results_table.json"  # MLflow table artifact: sortable in the UI
 GRU4REC = "gru4rec"
 
 
@@ -43,16 +46,30 @@ def run_evaluate(config: Config, tracker: Tracker | None, force: bool = False) -
     previous = None if force else read_results(config, key)
     cached = previous is not None
     results = previous if previous is not None else evaluate_dataset(config, data, key)
+    draw_plots(config, results, missing_only=True)  # an evaluation cached by an older recsys
     if tracker is not None:
         with tracker.step("evaluate", ("evaluation",)) as run:
             run.tags({TAG_DATA: data.stats["fingerprint"], TAG_CACHED: str(cached).lower()})
+            model = find_logged_model(
+                tracker.client, tracker.experiment_id, meta["model_fingerprint"]
+            )
+            inputs = split_inputs(config, data, evaluate_splits(config))
+            run.inputs(inputs, model_ids=[model.model_id] if model is not None else [])
             metrics: dict[str, float] = {}
             for row in results["rows"]:
                 for k, v in row.items():
                     if isinstance(v, int | float) and k != "model":
                         metrics[f"{row['model']}.{k}"] = float(v)
+            own = {k: v for k, v in metrics.items() if k.startswith(f"{GRU4REC}.")}
+            linked = model is not None and any(
+                m.key.startswith(f"{GRU4REC}.") for m in model.metrics
+            )
+            if model is not None and not linked:  # linked once, measured on the test dataset
+                run.linked_metrics(own, model.model_id, dataset=inputs[0][0])
+                metrics = {k: v for k, v in metrics.items() if k not in own}
             run.metrics(metrics)
-            for name in (METRICS_JSON, METRICS_CSV, METRICS_PLOT):
+            run.table(table_rows(results, config), RESULTS_TABLE)
+            for name in (METRICS_JSON, METRICS_CSV, METRICS_PLOT, METRICS_AT_K_PLOT):
                 run.artifact(config.evaluation_dir / name)
     print(results_table(results, config))
     return results
@@ -88,11 +105,47 @@ def evaluate_dataset(config: Config, data: Any, key: str) -> dict[str, Any]:
             rows.append(_row(fused, fit_seconds=0.0) | chosen)
     results = {"key": key, "ties": ev.ties, "cutoffs": ev.cutoffs, "rows": rows}
     out = config.evaluation_dir
-    plot_metrics(rows, ev.cutoffs, out / METRICS_PLOT)
+    draw_plots(config, results)
     with atomic_path(out / METRICS_CSV) as tmp:
         pl.DataFrame(rows).write_csv(tmp)
     write_json(out / METRICS_JSON, results)  # written last: its key marks a complete evaluation
     return results
+
+
+def table_rows(results: dict[str, Any], config: Config) -> list[dict[str, Any]]:
+    """The rows best first on the registry metric, columns as a reader wants them: the model,
+    Recall, MRR, NDCG by cut-off, coverage, then counts and timings."""
+    order = {"model": 0, "recall": 1, "mrr": 2, "ndcg": 3, "coverage": 4}
+
+    def rank(key: str) -> tuple[int, int]:
+        name, _, k = key.partition("@")
+        return (order.get(name, 5), int(k) if k.isdigit() else 0)
+
+    columns = sorted(dict.fromkeys(k for r in results["rows"] for k in r), key=rank)
+    rows = sorted(results["rows"], key=lambda r: -r.get(config.registry.metric, 0.0))
+    rounded = [{c: r.get(c) for c in columns} for r in rows]
+    return [{c: round(v, 4) if isinstance(v, float) else v for c, v in r.items()} for r in rounded]
+
+
+def evaluate_splits(config: Config) -> list[tuple[str, str]]:
+    """The splits the evaluate step reads, with their MLflow dataset context (test first)."""
+    splits = [(TEST, "test"), (TRAIN, "training")]  # the baselines are fitted on train
+    if config.evaluation.fusion.enabled:  # weights chosen on valid with train_tr models
+        splits += [(TRAIN_TR, "training"), (VALID, "validation")]
+    return splits
+
+
+def draw_plots(config: Config, results: dict[str, Any], missing_only: bool = False) -> None:
+    """The leaderboard at the registry metric's cut-off and the curves over the cut-offs."""
+    out = config.evaluation_dir
+    k = parse_metric(config.registry.metric).k
+    if not (missing_only and (out / METRICS_PLOT).exists()):
+        title = f"{config.name}: test, full catalogue, {results['ties']} ties"
+        gate = config.registry.metric
+        metrics = list(dict.fromkeys([metric_name("recall", k), metric_name("mrr", k), gate]))
+        plot_leaderboard(results["rows"], metrics, out / METRICS_PLOT, GRU4REC, title)
+    if not (missing_only and (out / METRICS_AT_K_PLOT).exists()):
+        plot_metrics(results["rows"], results["cutoffs"], out / METRICS_AT_K_PLOT)
 
 
 def _row(result: EvaluationResult, fit_seconds: float) -> dict[str, Any]:
@@ -102,6 +155,16 @@ def _row(result: EvaluationResult, fit_seconds: float) -> dict[str, Any]:
 
 
 def results_table(results: dict[str, Any], config: Config) -> str:
+    """The terminal's table: one line saying what was measured, then the models best first."""
+    head, rows, columns = results_view(results, config)
+    return head + "\n" + format_table(rows, columns)
+
+
+def results_view(
+    results: dict[str, Any], config: Config
+) -> tuple[str, list[dict[str, Any]], list[str]]:
+    """What a results table shows, for the terminal and the pipeline run's description: the
+    headline, the rows best first on the registry metric, the columns."""
     cutoffs = results["cutoffs"]
     shown = [metric_name(m, k) for m in ("recall", "mrr") for k in cutoffs if k in (5, 10, 20)]
     cov = metric_name("coverage", config.evaluation.coverage_k)
@@ -120,4 +183,4 @@ def results_table(results: dict[str, Any], config: Config) -> str:
     if any("weight" in r for r in rows):  # the fusions: weights chosen on valid
         columns.insert(-1, "weight")
         head += "; fusion weights chosen on valid"
-    return head + "\n" + format_table(rows, columns)
+    return head, rows, columns

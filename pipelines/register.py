@@ -1,9 +1,11 @@
-"""The register step: log GRU4Rec as an MLflow pyfunc, register it, move the aliases.
+"""The register step: register the train step's logged model (the MLflow pyfunc), move the aliases.
 
 ``champion`` moves to the new version only if it beats the current champion on the configured
 metric (default MRR@20 on test); otherwise the new version becomes ``challenger``. ``--promote``
 forces the move. A rerun for the same trained model reuses its version (matched by the model
-file's fingerprint), so a failure halfway never leaves duplicate versions behind.
+file's fingerprint), so a failure halfway never leaves duplicate versions behind. The version is
+of the logged model the train run made (one copy of the weights); only a model trained without
+tracking is logged here first.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.evaluate import GRU4REC, eval_key, read_results
-from pipelines.tracking import TAG_DATA, TAG_MODEL, Tracker, guard
-from pipelines.train import trained_meta
+from pipelines.tracking import TAG_DATA, TAG_MODEL, Tracker, find_logged_model, guard
+from pipelines.train import log_model, trained_meta
 from recsys.config import Config
 from recsys.core.errors import RecsysError
 from recsys.data.preparation import load_prepared
-from recsys.serving.mlflow_store import CHALLENGER, CHAMPION, log_pyfunc
+from recsys.serving.mlflow_store import CHALLENGER, CHAMPION
 
 METRIC_TAG = "recsys.metric."
 
@@ -32,6 +34,15 @@ def _existing_version(client: Any, name: str, fingerprint: str) -> Any | None:
         if v.tags.get(TAG_MODEL) == fingerprint:
             return v
     return None
+
+
+def _logged_model_id(version: Any) -> str | None:
+    """The logged model a version was registered from (SQLite's registry keeps it only in the
+    version's source, ``models:/<model id>``)."""
+    if version.model_id:
+        return str(version.model_id)
+    source = str(version.source or "")
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
 def _champion(client: Any, name: str) -> Any | None:
@@ -66,15 +77,18 @@ def run_register(config: Config, tracker: Tracker, promote: bool = False) -> dic
         version = _existing_version(client, name, fingerprint)
         reused = version is not None
         if version is None:
-            with guard("logging the model"):
-                info = log_pyfunc(config.model_file, _example_sessions(data))
+            found = find_logged_model(client, tracker.experiment_id, fingerprint)
+            model_id = found.model_id if found is not None else log_model(config, data, meta)
             tags = {
                 TAG_MODEL: fingerprint,
                 TAG_DATA: data.stats["fingerprint"],
                 _metric_tag(metric): str(value),
             }
             with guard("registering the model version"):
-                version = mlflow.register_model(info.model_uri, name, tags=tags)
+                version = mlflow.register_model(f"models:/{model_id}", name, tags=tags)
+        model_id = _logged_model_id(version)
+        if model_id is not None:
+            run.inputs(model_ids=[model_id])
         decision, previous = _decide(client, name, version, metric, value, promote)
         run.tags({"recsys.decision": decision, "recsys.model_version": str(version.version)})
         run.metrics(
@@ -130,9 +144,3 @@ def describe(outcome: dict[str, Any]) -> str:
         f"{metric} = {outcome['value']:.4f}, {versus} -> {outcome['decision']}\n"
         f"load it with: models:/{outcome['name']}@{CHAMPION}"
     )
-
-
-def _example_sessions(data: Any) -> list[list[Any]]:
-    """Two test sessions' worth of ids (3 and 2 clicks): the logged model's input example."""
-    items = data.test["item_id"].head(5).to_list()
-    return [items[:3], items[3:5]]

@@ -1,4 +1,4 @@
-"""Plain-text tables for the terminal (results, stats, recommendations)."""
+"""Tables for the terminal (results, stats, recommendations) and as Markdown for MLflow."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     out = [line(list(columns)), line(["-" * w for w in widths])]
     out += [line(row) for row in cells]
     return "\n".join(out)
+
+
+def markdown_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], bold: Sequence[str] = ()
+) -> str:
+    """A GitHub-style Markdown table (what MLflow renders in a run's description); numbers
+    right-aligned, the rows of the models in ``bold`` in bold."""
+    numeric = [all(isinstance(r.get(c), int | float) for r in rows) for c in columns]
+    head = "| " + " | ".join(columns) + " |"
+    rule = "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"
+    lines = [head, rule]
+    for row in rows:
+        cells = [_cell(row.get(c, "")).replace("|", "\\|") for c in columns]
+        if row.get(columns[0]) in bold:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

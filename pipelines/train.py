@@ -7,7 +7,19 @@ from typing import Any
 import polars as pl
 
 from pipelines.cache import config_key, read_marker, step_key
-from pipelines.tracking import TAG_CACHED, TAG_DATA, TAG_KERNELS, TAG_MODEL, TAG_PRODUCTS, Tracker
+from pipelines.system_metrics import SystemSampler
+from pipelines.tracking import (
+    TAG_CACHED,
+    TAG_DATA,
+    TAG_KERNELS,
+    TAG_MODEL,
+    TAG_PRODUCTS,
+    StepRun,
+    Tracker,
+    find_logged_model,
+    guard,
+    split_inputs,
+)
 from recsys.config import Config
 from recsys.core.atomic import write_json
 from recsys.core.errors import RecsysError
@@ -15,10 +27,12 @@ from recsys.core.metrics import Metric, parse_metric
 from recsys.core.plots import plot_loss
 from recsys.core.progress import step
 from recsys.data.preparation import PreparedDataset, load_prepared
+from recsys.data.schema import TRAIN, TRAIN_TR, VALID
 from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import evaluate
 from recsys.model.artifact import ItemIndex, TrainedModel
 from recsys.model.gru4rec import GRU4Rec
+from recsys.serving.mlflow_store import log_pyfunc
 from recsys.training.trainer import train_gru4rec
 
 META_FILE = "meta.json"
@@ -101,8 +115,13 @@ def run_train(
     ):
         meta = None  # the fusions choose their weights with a train_tr model: train it too
     cached = meta is not None
+    tracking = config.tracking
+    sampler = SystemSampler(
+        tracking.system_metrics_interval, enabled=tracker is not None and tracking.system_metrics
+    )
     if meta is None:
-        meta = _train(config, data, key, resume)
+        with sampler:
+            meta = _train(config, data, key, resume)
     if tracker is not None:
         with tracker.step("train", ("model", "train")) as run:
             run.tags(
@@ -126,6 +145,9 @@ def run_train(
             run.metrics({"train_seconds": meta["seconds"], "epochs": meta["epochs"]})
             run.artifact(config.model_dir / META_FILE)
             run.artifact(config.model_dir / LOSS_PLOT)
+            run.inputs(split_inputs(config, data, train_splits(config)))
+            _track_model(tracker, run, config, data, meta)  # takes the run's metrics so far
+            run.series(sampler.samples)  # the run's, not the model's
     last = meta["history"][-1]
     status = "up to date, not retrained" if cached else f"trained in {meta['seconds']:.1f}s"
     print(
@@ -137,7 +159,66 @@ def run_train(
     return meta
 
 
+def train_splits(config: Config) -> list[tuple[str, str]]:
+    """The splits the train step reads, with their MLflow dataset context."""
+    splits = [(TRAIN, "training")]
+    if config.train.early_stopping is not None or config.evaluation.fusion.enabled:
+        splits.append((TRAIN_TR, "training"))  # the epoch count, the fusions' own model
+    if config.train.early_stopping is not None:
+        splits.append((VALID, "validation"))
+    return splits
+
+
+def _track_model(
+    tracker: Tracker, run: StepRun, config: Config, data: PreparedDataset, meta: dict[str, Any]
+) -> str:
+    """The train run's logged model: the experiment's copy of this model file when there is
+    one (a rerun), else logged now."""
+    found = find_logged_model(tracker.client, tracker.experiment_id, meta["model_fingerprint"])
+    if found is None:
+        return log_model(config, data, meta)
+    run.output(found.model_id)
+    return str(found.model_id)
+
+
+def log_model(config: Config, data: PreparedDataset, meta: dict[str, Any]) -> str:
+    """Log the model file as an MLflow logged model in the active run; returns its id. Tagged
+    with the model's and the data's fingerprints (how later steps find it); MLflow gives it
+    the run's params (the config) and the metrics logged so far."""
+    tags = {TAG_MODEL: meta["model_fingerprint"], TAG_DATA: data.stats["fingerprint"]}
+    with guard("logging the model"):
+        info = log_pyfunc(
+            config.model_file,
+            example_sessions(data),
+            name=config.registered_model_name,
+            tags=tags,
+        )
+    return str(info.model_id)
+
+
+def example_sessions(data: PreparedDataset) -> list[list[Any]]:
+    """Two test sessions' worth of ids (3 and 2 clicks): the logged model's input example."""
+    items = data.test["item_id"].head(5).to_list()
+    return [items[:3], items[3:5]]
+
+
+def check_trainable(config: Config, data: PreparedDataset) -> None:
+    """Settings that would train without a word but not as meant, refused before the work."""
+    if config.train.n_sample > data.n_items:
+        raise RecsysError(
+            f"train.n_sample: {config.train.n_sample:,} negative samples per step, but the "
+            f"catalogue has only {data.n_items:,} items; use at most {data.n_items:,} (0: none)"
+        )
+    if config.train.early_stopping is not None and data.stats.get("valid_predictions", 0) == 0:
+        raise RecsysError(
+            f"train.early_stopping: the valid split of {config.prepared_dir} has no predictions "
+            f"to choose the epoch count on; lengthen data.preparation.test_days or remove "
+            f"train.early_stopping"
+        )
+
+
 def _train(config: Config, data: PreparedDataset, key: str, resume: bool) -> dict[str, Any]:
+    check_trainable(config, data)
     history: list[dict[str, Any]] = []
     epochs = config.train.epochs
     if config.train.early_stopping is not None:

@@ -111,10 +111,17 @@ def signature(numeric_ids: bool) -> Any:
     )
 
 
-def log_pyfunc(model_file: Path, example_sessions: Sequence[list[Any]]) -> Any:
+def log_pyfunc(
+    model_file: Path,
+    example_sessions: Sequence[list[Any]],
+    name: str = "model",
+    tags: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+) -> Any:
     """Log a trained model file as the pyfunc that ``mlflow models serve`` runs, in the active
-    run: the models-from-code entry point, this package as its code, the request signature and
-    pinned requirements. Returns MLflow's ``ModelInfo`` (``model_uri`` names the logged model).
+    run: an MLflow logged model (``name``, ``tags``, ``params`` on its page) with the
+    models-from-code entry point, this package as its code, the request signature and pinned
+    requirements. Returns MLflow's ``ModelInfo`` (``model_id``, and ``model_uri`` to register).
     The request signature takes the id kind of the artifact's item index."""
     import mlflow
     import pandas as pd
@@ -125,7 +132,7 @@ def log_pyfunc(model_file: Path, example_sessions: Sequence[list[Any]]) -> Any:
 
     example = pd.DataFrame({SESSION_COLUMN: list(example_sessions)})
     return mlflow.pyfunc.log_model(
-        name="model",
+        name=name,
         python_model=str(PACKAGE_DIR / "serving" / "pyfunc_entry.py"),
         artifacts={"model": str(model_file)},
         code_paths=[str(PACKAGE_DIR)],
@@ -133,6 +140,8 @@ def log_pyfunc(model_file: Path, example_sessions: Sequence[list[Any]]) -> Any:
         input_example=(example, {"k": DEFAULT_K}),
         pip_requirements=PIP_REQUIREMENTS,
         model_config={"k": DEFAULT_K},
+        tags=tags,
+        params=params,
     )
 
 
