@@ -22,7 +22,7 @@ LIVE_PORT ?= 5056
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup pipeline tune prepare train evaluate register recommend serve serve-live ui test lint format bench clean
+.PHONY: help setup pipeline tune prepare train evaluate register recommend serve serve-live ui check-ui test lint format bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -72,16 +72,19 @@ serve-live: $(STAMP) ## Live REST service (sessions kept, follows the champion) 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1:UI_PORT against the project store
 	$(VENV)/bin/recsys ui --port $(UI_PORT)
 
+check-ui: $(STAMP) ## Render CONFIG's latest run in the MLflow UI (headless Chromium) and check it; SHOTS=dir saves screenshots
+	$(PY) scripts/check_ui.py --config $(CONFIG) $(if $(SHOTS),--screenshots $(SHOTS))
+
 test: $(EXPORT_STAMP) ## Run the test suite (installs the export extra: the ONNX tests run)
 	$(PY) -m pytest -q
 
 lint: $(STAMP) ## ruff check + format check
-	$(VENV)/bin/ruff check recsys pipelines benchmarks tests
-	$(VENV)/bin/ruff format --check recsys pipelines benchmarks tests
+	$(VENV)/bin/ruff check recsys pipelines benchmarks tests scripts
+	$(VENV)/bin/ruff format --check recsys pipelines benchmarks tests scripts
 
 format: $(STAMP) ## ruff format + autofix
-	$(VENV)/bin/ruff check --fix recsys pipelines benchmarks tests
-	$(VENV)/bin/ruff format recsys pipelines benchmarks tests
+	$(VENV)/bin/ruff check --fix recsys pipelines benchmarks tests scripts
+	$(VENV)/bin/ruff format recsys pipelines benchmarks tests scripts
 
 bench: $(STAMP) ## Benchmarks (events/s, latency percentiles, peak memory); see docs/benchmarks.md
 	$(VENV)/bin/recsys bench
