@@ -13,6 +13,7 @@ import random
 import resource
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -167,3 +168,23 @@ def test_a_store_that_never_answers_fails_the_step_in_bounded_time(
     assert f"MLflow tracking store http://127.0.0.1:{port} is unreachable" in proc.stderr
     assert took < 60
     assert not (config.parent / "data" / "tiny" / "model" / "model.pt").exists()
+
+
+def test_a_new_sqlite_store_appears_whole_and_an_existing_one_is_kept(tmp_path: Path) -> None:
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    env = {**os.environ, **QUIET, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    code = (
+        "from recsys.serving.mlflow_store import connect; "
+        "c = connect(); c.create_experiment('kept') if len(__import__('sys').argv) > 1 else None"
+    )
+    made = subprocess.run(
+        [sys.executable, "-c", code, "x"], env=env, capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]  # no temporary left
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    with sqlite3.connect(db) as conn:  # the second connect used the store, did not remake it
+        names = {row[0] for row in conn.execute("select name from experiments")}
+    assert "kept" in names

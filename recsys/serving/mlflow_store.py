@@ -85,6 +85,7 @@ def connect(create: bool = True) -> Any:
 
     uri = tracking_uri(create)
     try:
+        _create_sqlite_whole(uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -143,6 +144,29 @@ def log_pyfunc(
         tags=tags,
         params=params,
     )
+
+
+def _create_sqlite_whole(uri: str) -> None:
+    """A new SQLite store is made under a temporary name and linked into place whole: MLflow
+    builds its schema in a few dozen migrations, and a process killed among them used to leave a
+    half-built database that every later command refused. The link fails if another process
+    made the store first; then that one is used."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if db.exists():
+        return
+    from mlflow import MlflowClient
+
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
+    tmp.unlink(missing_ok=True)
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+        os.link(tmp, db)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def download_model(uri: str, dest: Path) -> Path:
