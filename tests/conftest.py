@@ -39,6 +39,12 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """mlflow.set_registry_uri exports MLFLOW_REGISTRY_URI; one test's store must not be the
+    next test's registry (the CLI children inherit the environment). Before any fixture."""
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite tracking store + artifact folder for one test."""

@@ -6,6 +6,7 @@ column or line, and what was expected; never a traceback, never a half-written o
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,9 @@ def test_shipped_configs_are_valid(
     paths = [str(p) for p in config.data.source.paths]
     assert all(p.startswith(("raw/", "../shared/data/")) for p in paths), paths
     if paths[0].startswith("raw/") and not Path(paths[0]).exists():
-        # Not downloaded: preparing says which file is missing, nothing else.
-        with pytest.raises(RecsysError, match=f"^{paths[0]}: file not found$"):
+        # Not downloaded: preparing says which file is missing and where it was looked for.
+        where = f"(relative paths are read from {ROOT})"
+        with pytest.raises(
+            RecsysError, match=f"^{re.escape(paths[0])}: file not found {re.escape(where)}$"
+        ):
             prepare(config)

@@ -92,7 +92,10 @@ def test_the_readout_learns_beside_the_network_and_leaves_it_as_without(
     cfg = small_train_config(loss=loss, kernels=kernels, logq=1.0 if loss == "cross-entropy" else 0)
     plain = train_gru4rec(log, 30, ModelConfig(layers=[16]), cfg)
     result = train_gru4rec(
-        log, 30, ModelConfig(layers=[16], readout="repeat", repeat_window=4), cfg
+        log,
+        30,
+        ModelConfig(layers=[16], readout="repeat", repeat_window=4, repeat_holdout=0.0),
+        cfg,
     )
     readout = result.model.readout
     assert readout is not None

@@ -132,6 +132,12 @@ def build_app() -> ASGIApp:
     named by ``RECSYS_SERVE_MODEL`` in MLflow's scoring app, behind ``BodyLimit``."""
     from mlflow.pyfunc import scoring_server
 
+    from recsys.serving.mlflow_store import connect
+
+    # one store for runs and registry, as every recsys command has it: an MLFLOW_REGISTRY_URI
+    # left in the environment (mlflow.set_registry_uri exports it) must not point elsewhere
+    if os.environ[MODEL_ENV].startswith(("models:/", "runs:/")):
+        connect(create=False)
     model = scoring_server.load_model_with_mlflow_config(os.environ[MODEL_ENV])
     limit = positive_env_int(MAX_BODY_ENV, DEFAULT_MAX_BODY)
     return BodyLimit(scoring_server.init(model), limit)
