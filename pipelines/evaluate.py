@@ -7,6 +7,12 @@ from typing import Any
 
 import polars as pl
 
+from pipelines.by_position import (
+    BY_POSITION_CSV,
+    BY_POSITION_PLOT,
+    position_rows,
+    write_by_position,
+)
 from pipelines.cache import config_key, read_marker, step_key
 from pipelines.report import format_table
 from pipelines.tracking import TAG_CACHED, TAG_DATA, Tracker, find_logged_model, split_inputs
@@ -44,6 +50,8 @@ def run_evaluate(config: Config, tracker: Tracker | None, force: bool = False) -
     meta = trained_meta(config, data)
     key = eval_key(config, meta["model_fingerprint"], data.stats["fingerprint"])
     previous = None if force else read_results(config, key)
+    if previous is not None and "by_position" not in previous:  # cached before the table existed
+        previous = None
     cached = previous is not None
     results = previous if previous is not None else evaluate_dataset(config, data, key)
     draw_plots(config, results, missing_only=True)  # an evaluation cached by an older recsys
@@ -71,7 +79,12 @@ def run_evaluate(config: Config, tracker: Tracker | None, force: bool = False) -
             run.table(table_rows(results, config), RESULTS_TABLE)
             for name in (METRICS_JSON, METRICS_CSV, METRICS_PLOT, METRICS_AT_K_PLOT):
                 run.artifact(config.evaluation_dir / name)
+            for name in (BY_POSITION_CSV, BY_POSITION_PLOT):
+                if (config.evaluation_dir / name).exists():  # absent only with no predictions
+                    run.artifact(config.evaluation_dir / name)
     print(results_table(results, config))
+    if (config.evaluation_dir / BY_POSITION_CSV).exists():
+        print(f"by position in the session: {config.evaluation_dir / BY_POSITION_CSV}")
     return results
 
 
@@ -87,9 +100,10 @@ def evaluate_dataset(config: Config, data: Any, key: str) -> dict[str, Any]:
         "coverage_k": ev.coverage_k,
     }
     rows: list[dict[str, Any]] = []
+    positions: list[dict[str, Any]] = []  # every model's rows by position in the session
     gru = GRU4RecScorer.from_file(config.model_file)
     result = evaluate(gru, data.test, name=GRU4REC, **kwargs)
-    rows.append(_row(result, fit_seconds=0.0))
+    rows.append(_row(result, 0.0, positions))
     fitted: dict[str, Any] = {}
     for name, spec in ev.baselines.items():
         with step(f"baseline {name}: fit"):
@@ -97,13 +111,19 @@ def evaluate_dataset(config: Config, data: Any, key: str) -> dict[str, Any]:
             model = make_baseline(spec.kind, data.n_items, spec.params).fit(data.train)
             fit_seconds = time.perf_counter() - start
         fitted[name] = model
-        rows.append(_row(evaluate(model, data.test, name=name, **kwargs), fit_seconds))
+        rows.append(_row(evaluate(model, data.test, name=name, **kwargs), fit_seconds, positions))
     if ev.fusion.enabled:
         from pipelines.fusions import fusion_results
 
         for fused, chosen in fusion_results(config, data, gru, fitted, kwargs):
-            rows.append(_row(fused, fit_seconds=0.0) | chosen)
-    results = {"key": key, "ties": ev.ties, "cutoffs": ev.cutoffs, "rows": rows}
+            rows.append(_row(fused, 0.0, positions) | chosen)
+    results = {
+        "key": key,
+        "ties": ev.ties,
+        "cutoffs": ev.cutoffs,
+        "rows": rows,
+        "by_position": positions,
+    }
     out = config.evaluation_dir
     draw_plots(config, results)
     with atomic_path(out / METRICS_CSV) as tmp:
@@ -136,7 +156,8 @@ def evaluate_splits(config: Config) -> list[tuple[str, str]]:
 
 
 def draw_plots(config: Config, results: dict[str, Any], missing_only: bool = False) -> None:
-    """The leaderboard at the registry metric's cut-off and the curves over the cut-offs."""
+    """The leaderboard at the registry metric's cut-off, the curves over the cut-offs, and the
+    table and plot by position in the session."""
     out = config.evaluation_dir
     k = parse_metric(config.registry.metric).k
     if not (missing_only and (out / METRICS_PLOT).exists()):
@@ -146,9 +167,14 @@ def draw_plots(config: Config, results: dict[str, Any], missing_only: bool = Fal
         plot_leaderboard(results["rows"], metrics, out / METRICS_PLOT, GRU4REC, title)
     if not (missing_only and (out / METRICS_AT_K_PLOT).exists()):
         plot_metrics(results["rows"], results["cutoffs"], out / METRICS_AT_K_PLOT)
+    title = f"{config.name}: test by clicks seen, full catalogue, {results['ties']} ties"
+    write_by_position(out, results, k, title, missing_only)
 
 
-def _row(result: EvaluationResult, fit_seconds: float) -> dict[str, Any]:
+def _row(
+    result: EvaluationResult, fit_seconds: float, positions: list[dict[str, Any]]
+) -> dict[str, Any]:
+    positions.extend(position_rows(result))
     row = result.as_dict()
     row["fit_seconds"] = round(fit_seconds, 3)
     return row

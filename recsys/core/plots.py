@@ -1,4 +1,5 @@
-"""Plots written as PNG artifacts (training loss, the test leaderboard, Recall@K / MRR@K per model)."""
+"""Plots written as PNG artifacts (training loss, the test leaderboard, Recall@K / MRR@K per model,
+metrics by position in the session)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,74 @@ def plot_metrics(results: Sequence[dict[str, Any]], cutoffs: Sequence[int], path
         ax.set_xticks(list(cutoffs))
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_by_position(
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    path: Path,
+    highlight: str = "gru4rec",
+    title: str = "",
+) -> None:
+    """Each metric against the clicks seen before the prediction, one line per model.
+
+    ``rows`` are by-position rows (``model``, ``position``, ``predictions``, metrics). At each
+    position the best model's point is ringed in red, and the legend (best first over all
+    positions, for that panel's metric) says at how many positions each model is best, so the winner and
+    where it wins read at a glance; the tick labels carry each position's prediction count.
+    """
+    plt = _pyplot()
+    positions = list(dict.fromkeys(r["position"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    cell = {(r["model"], r["position"]): r for r in rows}
+    counts = {p: cell[(models[0], p)]["predictions"] for p in positions}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 5.1))
+    axes = [axes] if len(metrics) == 1 else list(axes)
+    x = list(range(len(positions)))
+    for metric, ax in zip(metrics, axes, strict=True):
+        values = {m: [cell[(m, p)][metric] for p in positions] for m in models}
+        best = [max(models, key=lambda m: values[m][i]) for i in x]
+        total = {
+            m: sum(v * counts[p] for v, p in zip(values[m], positions, strict=True)) for m in models
+        }
+        for rank, m in enumerate(sorted(models, key=lambda m: -total[m])):
+            wins = sum(b == m for b in best)
+            ax.plot(
+                x,
+                values[m],
+                marker="o",
+                markersize=3.5,
+                label=f"{m} (best at {wins}/{len(x)})",
+                linewidth=2.8 if m.startswith(highlight) else 1.2,
+                zorder=3 if m.startswith(highlight) else 2,
+                color=HIGHLIGHT if m == highlight else f"C{rank % 9 + 1}",  # C0 is HIGHLIGHT
+                linestyle="-" if rank < 9 else "--",
+            )
+        ax.scatter(
+            x,
+            [values[b][i] for i, b in enumerate(best)],
+            s=90,
+            facecolors="none",
+            edgecolors=WINNER,
+            linewidths=1.6,
+            zorder=4,
+            label="best at this position",
+        )
+        name, _, k = metric.partition("@")
+        ax.set_title(
+            f"{'MRR' if name == 'mrr' else name.capitalize()}@{k} by position", fontsize=10
+        )
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{p}\n{counts[p]:,}" for p in positions], fontsize=7)
+        ax.set_xlabel("clicks seen before the prediction (and predictions)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

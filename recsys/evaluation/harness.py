@@ -5,6 +5,11 @@ state), scores every catalogue item, and the target is i(t+1) only. The rank of 
 conservative by default (ties count against the model). Metrics are averaged over prediction
 events, not sessions. Scoring is batched over many sessions at once; ranks are counted over the
 catalogue with tensor ops, never a Python loop over items.
+
+The same sums are also kept per position in the session (the prefix length t, with every
+t >= ``POSITION_BUCKETS`` in one last bucket): what a model's memory of the session buys shows
+as the gap between the positions, and the prediction-weighted mean of the buckets is the
+overall metric.
 """
 
 from __future__ import annotations
@@ -25,10 +30,26 @@ from recsys.data.schema import ITEM_IDX, SESSION
 from recsys.evaluation.scorer import SessionScorer
 from recsys.ranking import TieMode
 
+POSITION_BUCKETS = 10  # prefix lengths 1 .. 9, then one bucket for ">= 10" clicks
+
+
+def position_label(bucket: int) -> str:
+    """The bucket's name in tables and plots: ``"3"``, or ``">=10"`` for the last one."""
+    return f">={POSITION_BUCKETS}" if bucket >= POSITION_BUCKETS else str(bucket)
+
+
+def prefix_lengths(sessions: Sequence[np.ndarray]) -> torch.Tensor:
+    """Clicks seen before each prediction (1 .. len - 1 per session), session-major like the
+    ranks ``rank_sessions`` returns, so row i of both is the same prediction."""
+    if not sessions:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.from_numpy(np.concatenate([np.arange(1, len(s)) for s in sessions]))
+
 
 @dataclass
 class MetricAccumulator:
-    """Sums of per-event metric values; ``result()`` averages over prediction events."""
+    """Sums of per-event metric values; ``result()`` averages over prediction events, and
+    ``by_position()`` over the events of each prefix-length bucket (when ``add`` got lengths)."""
 
     cutoffs: Sequence[int]
     n_items: int
@@ -36,9 +57,24 @@ class MetricAccumulator:
     n: int = 0
     sums: dict[str, float] = field(default_factory=dict)
     covered: torch.Tensor | None = None
+    bucket_n: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(POSITION_BUCKETS + 1, dtype=torch.int64)
+    )
+    bucket_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def add(self, ranks: torch.Tensor, top_items: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        ranks: torch.Tensor,
+        top_items: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> None:
+        """One batch: each prediction's target rank, its top items (for coverage) and, for the
+        per-position sums, the prefix length it was made after (``prefix_lengths``)."""
         self.n += len(ranks)
+        bucket = None
+        if lengths is not None:
+            bucket = lengths.clamp(max=POSITION_BUCKETS)
+            self.bucket_n += torch.bincount(bucket, minlength=POSITION_BUCKETS + 1)
         for k in self.cutoffs:
             hit = ranks <= k
             for metric, values in (
@@ -48,6 +84,12 @@ class MetricAccumulator:
             ):
                 key = metric_name(metric, k)
                 self.sums[key] = self.sums.get(key, 0.0) + float(values.sum())
+                if bucket is not None:
+                    per = torch.bincount(
+                        bucket, weights=values.to(torch.float64), minlength=POSITION_BUCKETS + 1
+                    )
+                    prev = self.bucket_sums.get(key)
+                    self.bucket_sums[key] = per if prev is None else prev + per
         if top_items is not None:
             if self.covered is None:
                 self.covered = torch.zeros(self.n_items, dtype=torch.bool)
@@ -62,6 +104,22 @@ class MetricAccumulator:
             out[metric_name("coverage", self.coverage_k)] = float(self.covered.float().mean())
         return dict(sorted(out.items()))
 
+    def by_position(self) -> list[dict[str, Any]]:
+        """One row per non-empty bucket, first clicks first: ``position``, ``predictions`` and
+        each metric at each cut-off averaged over that bucket's predictions."""
+        keys = [metric_name(m, k) for m in METRICS for k in self.cutoffs]
+        rows: list[dict[str, Any]] = []
+        for b in range(1, POSITION_BUCKETS + 1):
+            n = int(self.bucket_n[b])
+            if n == 0:
+                continue
+            row: dict[str, Any] = {"position": position_label(b), "predictions": n}
+            for key in keys:
+                sums = self.bucket_sums.get(key)
+                row[key] = float(sums[b]) / n if sums is not None else 0.0
+            rows.append(row)
+        return rows
+
 
 @dataclass
 class EvaluationResult:
@@ -72,6 +130,7 @@ class EvaluationResult:
     skipped_sessions: int
     unknown_events: int
     seconds: float
+    by_position: list[dict[str, Any]] = field(default_factory=list)  # MetricAccumulator.by_position
 
     @property
     def events_per_second(self) -> float:
@@ -137,7 +196,7 @@ def evaluate(
     with torch.inference_mode():
         for batch in _batches(sessions, batch_size):
             ranks, top = model.rank_sessions(batch, ties, max_k, exclude_seen)
-            acc.add(ranks, top)
+            acc.add(ranks, top, prefix_lengths(batch))
             if bar is not None:
                 bar.update(len(ranks))
     if bar is not None:
@@ -150,4 +209,5 @@ def evaluate(
         skipped_sessions=skipped,
         unknown_events=unknown,
         seconds=time.perf_counter() - start,
+        by_position=acc.by_position(),
     )
