@@ -19,6 +19,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Lay out, write the PNG atomically (a reader never sees half a plot) and free the figure."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def plot_loss(history: Sequence[dict[str, Any]], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -26,10 +34,7 @@ def plot_loss(history: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 HIGHLIGHT, OTHERS, WINNER = "#1f77b4", "#b8bec6", "#d62728"
@@ -72,10 +77,7 @@ def plot_leaderboard(
         ax.grid(axis="x", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_metrics(results: Sequence[dict[str, Any]], cutoffs: Sequence[int], path: Path) -> None:
@@ -97,10 +99,7 @@ def plot_metrics(results: Sequence[dict[str, Any]], cutoffs: Sequence[int], path
         ax.set_xticks(list(cutoffs))
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_by_position(
@@ -165,7 +164,4 @@ def plot_by_position(
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)

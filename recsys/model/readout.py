@@ -53,10 +53,7 @@ class RepeatReadout(nn.Module):
     def recency(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Σ_t λ^age [history_t = item] for every row's ``items`` (B, C), or shared items (C,)."""
         cand = items.unsqueeze(0) if items.dim() == 1 else items
-        return self.counted(history.unsqueeze(2) == cand.unsqueeze(1))  # match (B, L, C)
-
-    def counted(self, match: torch.Tensor) -> torch.Tensor:
-        """Σ_t λ^age over the history positions that match: (B, L, C) booleans -> (B, C)."""
+        match = history.unsqueeze(2) == cand.unsqueeze(1)  # (B, L, C)
         ages = torch.arange(match.shape[1], device=match.device, dtype=torch.float32)
         weights = torch.sigmoid(self.decay_logit) ** ages  # (L,)
         return torch.einsum("blc,l->bc", match.to(weights.dtype), weights)
