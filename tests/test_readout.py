@@ -24,7 +24,7 @@ from recsys.model.readout import (
 )
 from recsys.ranking import CatalogueRanker, rank_scores
 from recsys.serving.recommender import SessionRecommender
-from recsys.training.readout_loss import SampledPartition, readout_loss
+from recsys.training.readout_loss import SampledPartition, ranking_readout_loss, readout_loss
 from recsys.training.trainer import Trainer, item_support, train_gru4rec
 from tests.helpers import deterministic_log, small_train_config
 
@@ -146,6 +146,37 @@ def test_the_readout_loss_is_the_full_softmax_likelihood_of_the_boosted_scores()
     full = (scores + readout.bonus(out, history, everything)) / np.exp(0.4)
     expected = -torch.log_softmax(full, 1)[rows, targets].sum()
     torch.testing.assert_close(got, expected)
+
+
+def test_the_ranking_head_is_bpr_max_of_the_boosted_scores_over_the_whole_catalogue() -> None:
+    """With every item as a column, the head's loss is BPR-max of s + bonus against all other
+    items, computed plainly here: a history item counts once, with its bonus."""
+    out, scores, history, targets = _readout_inputs(3)
+    readout = RepeatReadout(4, window=4).double()
+    with torch.no_grad():
+        readout.gate_b.fill_(0.9)
+        readout.gate_w.copy_(torch.tensor([0.2, 0.4, -0.3, 0.1]))
+    everything = torch.arange(12)
+    got = ranking_readout_loss(
+        readout,
+        out,
+        scores[torch.arange(3), targets],
+        (scores, everything),
+        scores.gather(1, history.clamp_min(0)),
+        history,
+        targets,
+    )
+    full = scores + readout.bonus(out, history, everything)  # (3, 12)
+    expected = torch.zeros((), dtype=torch.float64)
+    for row, t in enumerate(targets.tolist()):
+        negatives = torch.tensor([j for j in range(12) if j != t])
+        weights = torch.softmax(full[row, negatives], 0)
+        expected = expected - torch.log(
+            (weights * torch.sigmoid(full[row, t] - full[row, negatives])).sum()
+        )
+    torch.testing.assert_close(got, expected)
+    got.backward()  # and the gate learns from it
+    assert readout.gate_b.grad is not None and float(readout.gate_b.grad.abs()) > 0
 
 
 def test_the_readout_loss_gradient_against_finite_differences() -> None:

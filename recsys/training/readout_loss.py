@@ -16,6 +16,13 @@ Only the history terms are computed exactly (L items per slot); Z_a comes from t
 popularity-sampled negatives by importance sampling, Z_a ≈ (P / n) Σ_k e^{a s_k} / pop_k^α
 with P = Σ_all pop^α. Sampled negatives alone would not do: a session's items are rarely among
 them, so boosting them would never cost, and the gate would only grow.
+
+A network trained by a ranking loss (BPR-max, TOP1-max) gives scores that are not
+log-probabilities at any one temperature, and the sampled Z above is then biased where it
+matters (on Diginetica τ fell to 0.16, e^{s/τ} is carried by a few top items that 2,048 samples
+miss, and the gate closed). There the head learns by the network's own ranking criterion
+instead (``ranking_readout_loss``): BPR-max of the target's combined score against the step's
+negatives and, exactly and with their bonus, the slot's other history items.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import torch
 
 from recsys.model.gru4rec import GRU4Rec
 from recsys.model.readout import RepeatReadout
+
+NEG = -1e30  # a masked negative: weight 0 in the softmax, yet no NaN when a row has none left
 
 
 class SampledPartition:
@@ -80,6 +89,31 @@ def readout_loss(
     return (log_denominator - a * (target_bonus + target_scores)).sum()
 
 
+def ranking_readout_loss(
+    readout: RepeatReadout,
+    out: torch.Tensor,
+    target_scores: torch.Tensor,
+    negatives: tuple[torch.Tensor, torch.Tensor],
+    history_scores: torch.Tensor,
+    history: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """Summed BPR-max, -log Σ_j w_j σ(r_t - r_j) with w the softmax of the negatives' r, of
+    the combined scores r = s + b, differentiable in the readout's parameters only. Negatives:
+    the step's columns (``negatives``: (R, C) scores, (C,) items) that are neither the row's
+    target nor in its history, and the row's distinct history items other than the target,
+    which carry their bonus."""
+    items, bonus = readout.boost(out, history)  # (R, L)
+    target_r = target_scores + readout.bonus(out, history, targets.unsqueeze(1)).squeeze(1)
+    hist_r = (history_scores + bonus).masked_fill((items < 0) | (items == targets[:, None]), NEG)
+    cols = negatives[1].unsqueeze(0)  # (1, C)
+    covered = (cols == targets[:, None]) | (cols.unsqueeze(2) == history.unsqueeze(1)).any(2)
+    r = torch.cat((negatives[0].masked_fill(covered, NEG), hist_r), 1)  # (R, C + L)
+    weights = torch.softmax(r, 1)
+    ranking = (weights * torch.sigmoid(target_r.unsqueeze(1) - r)).sum(1)
+    return -torch.log(ranking + 1e-24).sum()
+
+
 def step_readout_loss(
     model: GRU4Rec,
     partition: SampledPartition,
@@ -89,10 +123,12 @@ def step_readout_loss(
     history: torch.Tensor,
     targets: torch.Tensor,
     rows: torch.Tensor,
+    ranking: bool = False,
 ) -> torch.Tensor:
     """The readout's loss in a training step, on the slots ``rows``: ``out`` (B, H) and
     ``scores`` (B, B + n) as the step computed them (they are detached here), ``history``
-    (B, L), ``targets`` (B,)."""
+    (B, L), ``targets`` (B,). ``ranking``: the BPR-max head (for networks trained by a ranking
+    loss) instead of the likelihood."""
     readout = model.readout
     assert readout is not None
     b = len(targets)
@@ -104,6 +140,11 @@ def step_readout_loss(
     # the samples, or with none the in-batch targets (clicks: the popularity sample itself)
     negatives = (scores[:, b:], samples) if len(samples) else (scores[:, :b], targets)
     target_scores = scores[torch.arange(len(rows), device=rows.device), rows]
+    if ranking:  # every column of the step: the in-batch targets and the shared samples
+        columns = (scores, torch.cat((targets, samples)))
+        return ranking_readout_loss(
+            readout, out, target_scores, columns, hist_scores, history, targets[rows]
+        )
     return readout_loss(
         readout, partition, out, target_scores, negatives, hist_scores, history, targets[rows]
     )

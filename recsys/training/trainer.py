@@ -160,7 +160,15 @@ class Trainer:
             loss = (
                 loss
                 + step_readout_loss(
-                    model, self.partition, out, scores, samples, history, targets, mine.view(-1)
+                    model,
+                    self.partition,
+                    out,
+                    scores,
+                    samples,
+                    history,
+                    targets,
+                    mine.view(-1),
+                    ranking=self.loss_name != "cross-entropy",
                 )
                 / self.config.batch_size
             )
