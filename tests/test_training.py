@@ -64,10 +64,11 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_after_interrupt_equals_uninterrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bptt", [1, 3])
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path: Path, bptt: int) -> None:
     log = deterministic_log()
     model_cfg = ModelConfig(layers=[16], dropout_hidden=0.2, dropout_embed=0.1)
-    cfg = small_train_config(epochs=3, momentum=0.2)
+    cfg = small_train_config(epochs=3, momentum=0.2, bptt=bptt)
     straight = train_gru4rec(log, 30, model_cfg, cfg).model.state_dict()
 
     class Interrupt(Exception):

@@ -196,6 +196,9 @@ class TrainConfig(Section):
     max_steps: Annotated[Int, Field(ge=0)] = (
         0  # 0 = full epochs; >0 caps steps per epoch (smoke runs)
     )
+    # truncated BPTT (recsys/training/bptt.py): each step's loss reaches back through the
+    # last k steps of its slot's session; 1 = GRU4Rec (gradients stop after one step)
+    bptt: Annotated[Int, Field(ge=1, le=100)] = 1
     early_stopping: EarlyStoppingConfig | None = None
 
 

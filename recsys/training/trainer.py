@@ -34,6 +34,7 @@ from recsys.model.optimizer import RowAdagradM
 from recsys.model.readout import NO_ITEM, push
 from recsys.model.sampling import SampleStore
 from recsys.training.allocator import retain_freed_memory
+from recsys.training.bptt import BpttWindow, reset_slots
 from recsys.training.leaves import apply_updates, step_rows
 from recsys.training.readout_loss import SampledPartition, step_readout_loss
 from recsys.training.threads import apply_threads
@@ -58,14 +59,6 @@ def item_support(events: pl.DataFrame, n_items: int) -> torch.Tensor:
     """Click counts per item index (popularity for sampling and logQ)."""
     counts = np.bincount(events[ITEM_IDX].to_numpy(), minlength=n_items)
     return torch.from_numpy(counts.astype(np.float64))
-
-
-def reset_slots(
-    hidden: list[torch.Tensor], reset: np.ndarray, device: torch.device
-) -> list[torch.Tensor]:
-    """Zero the hidden state of slots that start a new session (a multiply, not a scatter)."""
-    keep = torch.from_numpy(~reset).to(device=device, dtype=torch.float32).unsqueeze(1)  # (B, 1)
-    return [h * keep for h in hidden]
 
 
 @dataclass
@@ -102,6 +95,7 @@ class Trainer:
         self.partition = SampledPartition(self.support, alpha, self.device)
         self.loss_name = cfg.loss
         self.bf16 = use_bf16(cfg.matmul, self.device)
+        self.window = BpttWindow(cfg.bptt, self.device) if cfg.bptt > 1 else None
         if self.bf16 and self.device.type == "cpu" and not bf16_is_native():
             print(
                 "note: train.matmul is bf16, but this CPU has no bf16 instructions (AVX512-BF16 "
@@ -139,8 +133,14 @@ class Trainer:
         b = len(targets)
         samples = self.sampler.draw()
         out_idx = torch.cat((targets, samples))  # (B + n_sample,)
-        leaves = step_rows(model, inputs, out_idx)
-        out, hidden = model.step(leaves.x, hidden, train=True, bf16=self.bf16, kernels=self.kernels)
+        if self.window is None:
+            leaves = step_rows(model, inputs, out_idx)
+            out, hidden = model.step(leaves.x, hidden, True, self.bf16, self.kernels)
+        else:  # truncated BPTT: the window's inputs, recomputed from its detached start
+            leaves = step_rows(model, self.window.inputs(), out_idx)
+            out, hidden = self.window.forward(
+                leaves.x, lambda x, h: model.step(x, h, True, self.bf16, self.kernels)
+            )
         # Score each distinct row once, then spread the columns: gathering (B, U) scores is far
         # cheaper than gathering (B + n_sample, H) item vectors, forward and backward.
         distinct = linear(out, leaves.item_rows, leaves.bias_rows, self.bf16)  # (B, U)
@@ -173,6 +173,8 @@ class Trainer:
                 / self.config.batch_size
             )
         loss.backward()
+        if self.window is not None:
+            self.window.measure(held)
 
         apply_updates(self.optimizer, model, leaves)
         return loss.detach(), [h.detach() for h in hidden]
@@ -184,6 +186,8 @@ class Trainer:
         model = self.model
         model.train()
         hidden = model.init_hidden(min(cfg.batch_size, max(1, data.n_sessions)))
+        if self.window is not None:
+            self.window.clear()
         history = None  # each slot's last items, for the repeat readout
         if model.readout is not None:
             history = torch.full(
@@ -217,6 +221,8 @@ class Trainer:
                 held = None
                 if held_events is not None:
                     held = torch.from_numpy(held_events[step.positions]).to(self.device)
+                if self.window is not None:
+                    self.window.push(inputs, step.keep, step.reset, hidden)
                 loss, hidden = self.train_step(inputs, targets, hidden, history, held)
                 pending.append(loss)
                 events += b
@@ -240,6 +246,7 @@ class Trainer:
             "events_per_second": events / seconds if seconds > 0 else 0.0,
             "products": "bf16" if self.bf16 else "fp32",
             "kernels": "native" if self.kernels is not None else "torch",
+            **(self.window.epoch_norms() if self.window is not None else {}),
         }
 
     def held_out_events(self, data: SessionArrays) -> np.ndarray | None:
