@@ -19,12 +19,10 @@ Cases (each a row: latency percentiles in ms and events/s):
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks.measure import percentiles
-from pipelines.serve import HOST, running_server
+from pipelines.serve import running_server
 from recsys.data.schema import ITEM, SESSION, TIME
 from recsys.model.artifact import ItemIndex, TrainedModel
 from recsys.serving.mlflow_store import quiet_environment
@@ -153,65 +151,28 @@ def load_test(
     max_requests: int = 1_000_000,
     rate_per_client: float | None = None,
 ) -> dict[str, Any]:
-    """``clients`` threads, each with a keep-alive connection, posting until the deadline.
+    """``clients`` clients posting ``bodies`` to ``/invocations`` (``benchmarks.load_gen``):
+    closed loop, or paced at ``rate_per_client`` requests/s each."""
+    from benchmarks.load_gen import run_clients
 
-    Closed loop (``rate_per_client`` None): each client sends its next request as soon as the
-    last one returns, so the server is saturated and latency is mostly queueing. Paced: each
-    client sends on a fixed schedule (a visitor clicking every ``1 / rate`` s, phases spread),
-    and latency counts from the *scheduled* send time, so a stalled server is not excused by
-    clients that waited for it (no coordinated omission).
-    """
-    port = int(url.rsplit(":", 1)[1])
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    per_client = max(1, max_requests // clients)
-    start_gate = threading.Barrier(clients + 1)
-    deadline = [0.0]
+    def maker(c: int) -> Callable[[int], tuple[str, str, bytes]]:
+        return lambda n: ("POST", "/invocations", bodies[(c + n * clients) % len(bodies)])
 
-    def client(c: int) -> None:
-        conn = http.client.HTTPConnection(HOST, port, timeout=30)
-        start_gate.wait()
-        i = c
-        due = time.perf_counter() + (c / clients / rate_per_client if rate_per_client else 0.0)
-        while time.monotonic() < deadline[0] and len(latencies[c]) + errors[c] < per_client:
-            body = bodies[i % len(bodies)]
-            i += clients
-            if rate_per_client:
-                time.sleep(max(0.0, due - time.perf_counter()))
-                t0, due = due, due + 1.0 / rate_per_client
-            else:
-                t0 = time.perf_counter()
-            try:
-                conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                payload = response.read()
-                ok = response.status == 200 and b'"predictions"' in payload
-            except (OSError, http.client.HTTPException):
-                ok = False
-                conn.close()
-                conn = http.client.HTTPConnection(HOST, port, timeout=30)
-            if ok:
-                latencies[c].append((time.perf_counter() - t0) * 1e3)
-            else:
-                errors[c] += 1
-        conn.close()
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
-    for th in threads:
-        th.start()
-    began = time.monotonic()
-    deadline[0] = began + seconds
-    start_gate.wait()
-    for th in threads:
-        th.join(timeout=seconds + 60)
-    elapsed = time.monotonic() - began
-    samples = [x for per in latencies for x in per]
+    result = run_clients(
+        int(url.rsplit(":", 1)[1]),
+        [maker(c) for c in range(clients)],
+        seconds,
+        1.0 / rate_per_client if rate_per_client else None,
+        max_requests,
+        accept=lambda payload: b'"predictions"' in payload,
+    )
+    elapsed = result["elapsed"]
     return {
-        "samples": samples,
-        "requests": len(samples),
-        "errors": sum(errors),
-        "rate": len(samples) / elapsed if elapsed > 0 else 0.0,
-        "hung_clients": sum(th.is_alive() for th in threads),
+        "samples": result["samples"],
+        "requests": len(result["samples"]),
+        "errors": result["errors"],
+        "rate": len(result["samples"]) / elapsed if elapsed > 0 else 0.0,
+        "hung_clients": result["hung_clients"],
     }
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.load_gen import Request, run_clients
 from benchmarks.measure import percentiles
 from benchmarks.serve import K, build_model, log_model
 from pipelines.serve import (
@@ -41,7 +41,6 @@ from pipelines.serve import (
     wait_ready,
 )
 
-Request = tuple[str, str, bytes]  # method, path, body
 NAME = "gru4rec-bench-live"
 PACE_S = 0.2  # each paced client clicks every 200 ms
 # clients, paced seconds, swap after seconds, saturation seconds, held sessions
@@ -91,64 +90,16 @@ def load(
     pace_s: float | None = None,
     during: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """One thread per maker on a keep-alive connection until the deadline or MAX_REQUESTS.
-
-    Closed loop without ``pace_s``; paced clients send every ``pace_s`` seconds (phases spread)
-    and count latency from the scheduled send. ``during`` runs on this thread meanwhile.
-    """
-    clients = len(makers)
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    errors = [0] * clients
-    per_client = max(1, MAX_REQUESTS // clients)
-    gate = threading.Barrier(clients + 1)
-    deadline = [0.0]
-
-    def client(c: int) -> None:
-        conn = http.client.HTTPConnection(HOST, port, timeout=30)
-        gate.wait()
-        due = time.perf_counter() + (c / clients * pace_s if pace_s else 0.0)
-        n = 0
-        while time.monotonic() < deadline[0] and n < per_client:
-            method, path, body = makers[c](n)
-            n += 1
-            if pace_s:
-                time.sleep(max(0.0, due - time.perf_counter()))
-                t0, due = due, due + pace_s
-            else:
-                t0 = time.perf_counter()
-            try:
-                conn.request(method, path, body, {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                response.read()
-                ok = response.status == 200
-            except (OSError, http.client.HTTPException):
-                ok = False
-                conn.close()
-                conn = http.client.HTTPConnection(HOST, port, timeout=30)
-            if ok:
-                latencies[c].append((time.perf_counter() - t0) * 1e3)
-            else:
-                errors[c] += 1
-        conn.close()
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
-    for th in threads:
-        th.start()
-    began = time.monotonic()
-    deadline[0] = began + seconds
-    gate.wait()
-    if during is not None:
-        during()
-    for th in threads:
-        th.join(timeout=seconds + 60)
-    elapsed = time.monotonic() - began
-    samples = [x for per in latencies for x in per]
+    """The makers' clients (``benchmarks.load_gen``) until the deadline or MAX_REQUESTS,
+    closed loop or paced every ``pace_s`` s; ``during`` runs on this thread meanwhile."""
+    result = run_clients(port, makers, seconds, pace_s, MAX_REQUESTS, during=during)
+    samples = result["samples"]
     return {
         **percentiles(samples or [0.0]),
-        "events_per_s": round(len(samples) / elapsed, 1),
+        "events_per_s": round(len(samples) / result["elapsed"], 1),
         "requests": len(samples),
-        "errors": sum(errors),
-        "hung_clients": sum(th.is_alive() for th in threads),
+        "errors": result["errors"],
+        "hung_clients": result["hung_clients"],
     }
 
 
