@@ -25,6 +25,7 @@ from recsys.data.schema import (
     split_file,
 )
 from recsys.data.sources import read_events
+from recsys.data.streaming import prepare_streaming, resolve_engine
 
 CACHE_KEY = "cache_key"  # the field of stats.json that holds the step key
 
@@ -84,8 +85,12 @@ def prepare(config: Config, force: bool = False) -> tuple[dict[str, Any], bool]:
         return cached, False
     start = time.perf_counter()
     origin = ", ".join(str(p) for p in config.data.source.paths) or config.data.source.format
-    dataset = prepare_events(read_events(config.data.source), config.data.preparation, origin)
-    stats = write_prepared(dataset, config.prepared_dir, {CACHE_KEY: cache_key(config)})
+    events, prep = read_events(config.data.source), config.data.preparation
+    extra = {CACHE_KEY: cache_key(config)}
+    if resolve_engine(prep.engine, config.data.source.paths) == "streaming":
+        stats = prepare_streaming(events, prep, origin, config.prepared_dir, extra)
+    else:
+        stats = write_prepared(prepare_events(events, prep, origin), config.prepared_dir, extra)
     # Timing is returned to the caller but not written: stats.json must be reproducible.
     return stats | {"seconds": round(time.perf_counter() - start, 3)}, True
 

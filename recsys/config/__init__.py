@@ -129,6 +129,8 @@ class PreparationConfig(Section):
     split_time: str | None = None
     # For "given" splits without timestamps: share of the last train sessions used as `valid`.
     valid_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.08
+    # streaming: in bounded memory (data/streaming.py), same files; auto: for raw files >= 256 MiB
+    engine: Literal["auto", "memory", "streaming"] = "auto"
 
 
 class DataConfig(Section):
@@ -140,6 +142,8 @@ class ModelConfig(Section):
     """GRU4Rec network shape (DESIGN §3)."""
 
     layers: list[Annotated[Int, Field(ge=1)]] = [100]
+    # the recurrent cell (model/cells.py): gru = GRU4Rec; lstm, rnn (Elman); ffn = no memory
+    cell: Literal["gru", "lstm", "rnn", "ffn"] = "gru"
     # shared: input vectors = output vectors; separate: own input embedding; none: one-hot input.
     embedding: Literal["shared", "separate", "none"] = "shared"
     embedding_dim: Annotated[Int, Field(ge=0)] = 0  # separate mode; 0 = size of the first layer
@@ -193,6 +197,9 @@ class TrainConfig(Section):
     # intra-op threads; 0 = the usable cores less one (recsys/training/threads.py: torch's one
     # per core lost ~90% of its speed beside one other busy process on 2 cores)
     threads: Annotated[Int, Field(ge=0)] = 0
+    # data-parallel processes (recsys/training/distributed.py, docs/distributed.md): gloo on
+    # CPU, NCCL with one GPU each; 1 = one process
+    nproc: Annotated[Int, Field(ge=1)] = 1
     max_steps: Annotated[Int, Field(ge=0)] = (
         0  # 0 = full epochs; >0 caps steps per epoch (smoke runs)
     )
@@ -200,6 +207,9 @@ class TrainConfig(Section):
     # last k steps of its slot's session; 1 = GRU4Rec (gradients stop after one step)
     bptt: Annotated[Int, Field(ge=1, le=100)] = 1
     early_stopping: EarlyStoppingConfig | None = None
+    # a base model (path, runs:/, models:/) and its window; docs/retraining.md
+    warm_start: str | None = None
+    window_days: Annotated[Float, Field(gt=0)] | None = None
 
 
 class FusionConfig(Section):

@@ -8,7 +8,6 @@ files plus ``stats.json``, which records counts at every step and why rows were 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,8 +18,8 @@ import polars as pl
 
 from recsys.config import PreparationConfig
 from recsys.core.atomic import atomic_directory, write_json
-from recsys.core.fingerprint import digest
 from recsys.core.errors import RecsysError, first_line
+from recsys.core.fingerprint import digest
 from recsys.core.progress import step
 from recsys.data.schema import (
     ITEM,
@@ -48,8 +47,9 @@ from recsys.data.splits import (
 )
 
 PREPARATION_VERSION = (
-    4  # bump when the protocol, the readers or stats.json change: cached outputs are redone
+    5  # bump when the protocol, the readers or stats.json change: cached outputs are redone
 )
+ROW_GROUP = 131_072  # rows per Parquet row group of every prepared file (both engines)
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,27 @@ class PreparedDataset:
 def _summary(events: pl.DataFrame) -> dict[str, Any]:
     if events.height == 0:
         return {"events": 0, "sessions": 0, "items": 0}
-    lengths = events[SESSION].rle().struct.field("len")
+    return summary_of(
+        events.height,
+        events[SESSION].rle().struct.field("len"),
+        events[ITEM].n_unique(),
+        (events[TIME].min(), events[TIME].max()),
+    )
+
+
+def summary_of(
+    n_events: int, lengths: pl.Series, n_items: int, span: tuple[Any, Any]
+) -> dict[str, Any]:
+    """A split's statistics from its parts: the session lengths (in any order), the number of
+    distinct items, the first and last time; a log read in parts gives the same figures."""
+    if n_events == 0:
+        return {"events": 0, "sessions": 0, "items": 0}
     return {
-        "events": events.height,
+        "events": n_events,
         "sessions": lengths.len(),
-        "items": events[ITEM].n_unique(),
-        "time_min": str(events[TIME].min()),
-        "time_max": str(events[TIME].max()),
+        "items": n_items,
+        "time_min": str(span[0]),
+        "time_max": str(span[1]),
         "session_length": {
             "min": int(lengths.min()),  # type: ignore[arg-type]
             "p25": float(lengths.quantile(0.25) or 0),
@@ -102,6 +116,21 @@ def _summary(events: pl.DataFrame) -> dict[str, Any]:
     }
 
 
+def repeat_target_counts(events: pl.DataFrame) -> tuple[int, int, int]:
+    """(targets, targets already in the prefix, targets equal to the item just clicked): the
+    sums behind ``repeat_target_shares``, additive over parts that hold whole sessions."""
+    targets = events.height - events[SESSION].n_unique()
+    if targets == 0:
+        return 0, 0, 0
+    seen, last = events.select(
+        (pl.int_range(pl.len()).over(SESSION, ITEM) > 0).sum(),
+        ((pl.col(ITEM) == pl.col(ITEM).shift(1)) & (pl.col(SESSION) == pl.col(SESSION).shift(1)))
+        .fill_null(False)
+        .sum(),
+    ).row(0)
+    return targets, int(seen), int(last)
+
+
 def repeat_target_shares(events: pl.DataFrame) -> tuple[float, float]:
     """Of a split's next-item targets (every click but a session's first), the share whose item
     is already in the session prefix, and the share that is the item just clicked.
@@ -109,16 +138,11 @@ def repeat_target_shares(events: pl.DataFrame) -> tuple[float, float]:
     How repeat-heavy a log is decides whether the session's own items beat the catalogue (S-POP
     against GRU4Rec), so it is reported with the data. Rows must be in session-time order.
     """
-    targets = events.height - events[SESSION].n_unique()
-    if targets == 0:
-        return 0.0, 0.0
-    seen, last = events.select(
-        (pl.int_range(pl.len()).over(SESSION, ITEM) > 0).sum(),
-        ((pl.col(ITEM) == pl.col(ITEM).shift(1)) & (pl.col(SESSION) == pl.col(SESSION).shift(1)))
-        .fill_null(False)
-        .sum(),
-    ).row(0)
-    return round(seen / targets, 4), round(last / targets, 4)
+    return shares_of(*repeat_target_counts(events))
+
+
+def shares_of(targets: int, seen: int, last: int) -> tuple[float, float]:
+    return (0.0, 0.0) if targets == 0 else (round(seen / targets, 4), round(last / targets, 4))
 
 
 def id_type(dtype: pl.DataType) -> str:
@@ -182,10 +206,13 @@ def _ordered_by_start(events: pl.DataFrame) -> pl.DataFrame:
 
 def build_item_index(train: pl.DataFrame) -> pl.DataFrame:
     """Contiguous ``item_idx`` over train items, ordered by raw id (stable across reruns)."""
+    return index_from_counts(train.group_by(ITEM).len(name=SUPPORT))
+
+
+def index_from_counts(counts: pl.DataFrame) -> pl.DataFrame:
+    """The item index from per-item click counts (``item_id``, ``support``), one row per item."""
     return (
-        train.group_by(ITEM)
-        .len(name=SUPPORT)
-        .sort(ITEM)
+        counts.sort(ITEM)
         .with_row_index(ITEM_IDX)
         .with_columns(pl.col(ITEM_IDX).cast(pl.Int64), pl.col(SUPPORT).cast(pl.Int64))
         .select(ITEM_IDX, ITEM, SUPPORT)
@@ -255,7 +282,7 @@ def prepare_events(events: pl.LazyFrame, prep: PreparationConfig, origin: str) -
                 train, prep.valid_fraction, prep.min_session_length
             )
         else:
-            t_split = split_time(filtered, prep)
+            t_split = split_time(filtered[TIME].max(), prep)  # type: ignore[arg-type]
             train, test, split_drops = time_split(filtered, t_split, prep.min_session_length)
             # The same window once more, ending where test begins (the references' 2N days).
             t_split_valid = t_split - timedelta(days=prep.test_days)
@@ -315,11 +342,17 @@ def write_prepared(
     stats = dataset.stats | (extra_stats or {})
     with atomic_directory(directory) as tmp:
         for name in (TRAIN, TEST, TRAIN_TR, VALID):
-            dataset.split(name).write_parquet(tmp / split_file(name), statistics=False)
-        dataset.items.write_parquet(tmp / ITEMS_FILE, statistics=False)
+            write_table(dataset.split(name), tmp / split_file(name))
+        write_table(dataset.items, tmp / ITEMS_FILE)
         stats["fingerprint"] = data_fingerprint(tmp)
         write_json(tmp / STATS_FILE, stats)
     return stats
+
+
+def write_table(frame: pl.DataFrame | pl.LazyFrame, path: Path) -> None:
+    """One prepared file, laid out by us (fixed row groups, no statistics) rather than by the
+    writer's heuristics, so the in-memory and the streaming path write the same bytes."""
+    frame.lazy().sink_parquet(path, statistics=False, row_group_size=ROW_GROUP)
 
 
 def data_fingerprint(directory: Path) -> str:

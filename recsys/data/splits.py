@@ -56,8 +56,9 @@ def check_split_mode(prep: PreparationConfig, has_given_split: bool, origin: str
         )
 
 
-def split_time(events: pl.DataFrame, prep: PreparationConfig) -> datetime:
-    """Where test begins: ``split_time`` when set, else ``test_days`` before the last event."""
+def split_time(t_max: datetime, prep: PreparationConfig) -> datetime:
+    """Where test begins: ``split_time`` when set, else ``test_days`` before ``t_max``, the
+    last event (a scalar, so a log read in parts gives the same time)."""
     if prep.split_time:
         try:
             t = datetime.fromisoformat(prep.split_time)
@@ -67,20 +68,44 @@ def split_time(events: pl.DataFrame, prep: PreparationConfig) -> datetime:
                 f"got {prep.split_time!r}"
             ) from None
         return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
-    t_max: datetime = events[TIME].max()  # type: ignore[assignment]
     return t_max - timedelta(days=prep.test_days)
 
 
-def _restrict(
-    train: pl.DataFrame, held_out: pl.DataFrame, min_length: int, name: str
+def restrict_to_items(
+    held_out: pl.DataFrame, items: pl.Series, min_length: int, name: str
 ) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Held-out events of items unseen in ``train`` go, then held-out sessions grown too short."""
-    known = held_out.filter(pl.col(ITEM).is_in(train[ITEM].unique().implode()))
+    """Held-out events of items not in ``items`` (train's) go, then held-out sessions grown too
+    short. ``items`` is passed in, so a log read in session parts restricts each part alike."""
+    known = held_out.filter(pl.col(ITEM).is_in(items.implode()))
     kept = drop_short_sessions(known, min_length)
     return kept, {
         f"{name}_unknown_items": held_out.height - known.height,
         f"{name}_short_sessions": known.height - kept.height,
     }
+
+
+def _restrict(
+    train: pl.DataFrame, held_out: pl.DataFrame, min_length: int, name: str
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    return restrict_to_items(held_out, train[ITEM].unique(), min_length, name)
+
+
+def time_cut(
+    events: pl.DataFrame, t_split: datetime, min_length: int
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
+    """The per-session half of ``time_split``: train (events before ``t_split``, short sessions
+    dropped) and the held-out sessions before their restriction to train's items."""
+    test_all = events.filter(session_start() >= t_split)
+    train_all = events.filter(pl.col(TIME) < t_split)
+    train = drop_short_sessions(train_all, min_length)
+    return (
+        train,
+        test_all,
+        {
+            "train_events_at_or_after_split": events.height - train_all.height - test_all.height,
+            "train_short_sessions_after_split": train_all.height - train.height,
+        },
+    )
 
 
 def time_split(
@@ -93,44 +118,42 @@ def time_split(
     train are dropped, then test sessions shorter than ``min_length``. Returns the row counts
     dropped at each point, named with ``name`` for the held-out part.
     """
-    test_all = events.filter(session_start() >= t_split)
-    train_all = events.filter(pl.col(TIME) < t_split)
-    train = drop_short_sessions(train_all, min_length)
+    train, test_all, cut = time_cut(events, t_split, min_length)
     test, dropped = _restrict(train, test_all, min_length, name)
-    return (
-        train,
-        test,
-        {
-            "train_events_at_or_after_split": events.height - train_all.height - test_all.height,
-            "train_short_sessions_after_split": train_all.height - train.height,
-        }
-        | dropped,
-    )
+    return train, test, cut | dropped
+
+
+def given_cut(
+    events: pl.DataFrame, min_length: int
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
+    """The per-session half of ``given_split``: train (short sessions dropped) and test as the
+    reader's ``split`` column gives them, before test's restriction to train's items."""
+    train_all = events.filter(pl.col(SPLIT) == "train").drop(SPLIT)
+    train = drop_short_sessions(train_all, min_length)
+    test_all = events.filter(pl.col(SPLIT) == "test").drop(SPLIT)
+    return train, test_all, {"train_short_sessions_after_split": train_all.height - train.height}
 
 
 def given_split(
     events: pl.DataFrame, min_length: int
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
     """The reader's ``split`` column decides; test is restricted to train items as usual."""
-    train_all = events.filter(pl.col(SPLIT) == "train").drop(SPLIT)
-    train = drop_short_sessions(train_all, min_length)
-    test, dropped = _restrict(
-        train, events.filter(pl.col(SPLIT) == "test").drop(SPLIT), min_length, "test"
-    )
-    return (
-        train,
-        test,
-        {"train_short_sessions_after_split": train_all.height - train.height} | dropped,
-    )
+    train, test_all, cut = given_cut(events, min_length)
+    test, dropped = _restrict(train, test_all, min_length, "test")
+    return train, test, cut | dropped
+
+
+def last_session_ids(order: pl.DataFrame, fraction: float) -> pl.Series:
+    """The last ``fraction`` of sessions of ``session_order`` (at least one): valid's sessions."""
+    n_valid = max(1, int(round(order.height * fraction)))
+    return order[SESSION].tail(n_valid)
 
 
 def last_sessions_split(
     train: pl.DataFrame, fraction: float, min_length: int
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
     """For logs without timestamps: the last ``fraction`` of sessions (in order) are held out."""
-    order = session_order(train)
-    n_valid = max(1, int(round(order.height * fraction)))
-    valid_ids = order[SESSION].tail(n_valid).implode()
+    valid_ids = last_session_ids(session_order(train), fraction).implode()
     tr = train.filter(~pl.col(SESSION).is_in(valid_ids))
     valid, dropped = _restrict(
         tr, train.filter(pl.col(SESSION).is_in(valid_ids)), min_length, "valid"
