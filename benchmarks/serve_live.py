@@ -150,7 +150,7 @@ def held_sessions_memory(model_path: Path, sessions: list[list[Any]], held: int)
         "kib_per_session": round(grown * 1024 / held, 2),
         "replay_s": round(replay_s, 2),
         "events_per_s": round(held / replay_s, 1),
-        "note": f"{sum(rec.model.layers)} floats of state per session; replay = roll-over work",
+        "note": f"{sum(rec.model.state_sizes)} floats of state per session; replay = roll-over work",
     }
 
 

@@ -51,8 +51,9 @@ def settings() -> dict[str, tuple[ModelConfig, TrainConfig]]:
     """The training settings, by row name; (b) and its variants come from the Diginetica config.
 
     (b) takes fp32 products (the config's ``auto`` would differ between machines) and the
-    benchmark's sample store; (a+) and (b+) add the repeat readout; (b') changes only the products to bf16, (b'') also swaps the
-    native kernels for torch ops (what they give, in the same run).
+    benchmark's sample store; (a+) and (b+) add the repeat readout; (a lstm) and (a rnn) swap
+    the cell; (b') changes only the products to bf16, (b'') also swaps the native kernels for
+    torch ops (what they give, in the same run).
     """
     b = diginetica_config({"train.matmul": "fp32", "train.sample_store_size": SAMPLE_STORE})
     a_train = TrainConfig(
@@ -72,6 +73,16 @@ def settings() -> dict[str, tuple[ModelConfig, TrainConfig]]:
         ),
         "a+: (a) with the repeat readout": (
             ModelConfig(layers=[100], embedding="shared", **readout),
+            a_train,
+        ),
+        # model.cell (recsys/model/cells.py): the issue's floors are LSTM >= 0.7x and RNN
+        # >= 0.9x (a)'s events/s, measured in the same run
+        "a lstm: (a) with model.cell lstm": (
+            ModelConfig(layers=[100], embedding="shared", cell="lstm"),
+            a_train,
+        ),
+        "a rnn: (a) with model.cell rnn": (
+            ModelConfig(layers=[100], embedding="shared", cell="rnn"),
             a_train,
         ),
         SETTING_B: (b.model, b.train),

@@ -142,8 +142,7 @@ class ModelConfig(Section):
     """GRU4Rec network shape (DESIGN §3)."""
 
     layers: list[Annotated[Int, Field(ge=1)]] = [100]
-    # the recurrent cell (model/cells.py): gru = GRU4Rec; lstm, rnn (Elman); ffn = no memory
-    cell: Literal["gru", "lstm", "rnn", "ffn"] = "gru"
+    cell: Literal["gru", "lstm", "rnn", "ffn"] = "gru"  # model/cells.py; ffn: no memory at all
     # shared: input vectors = output vectors; separate: own input embedding; none: one-hot input.
     embedding: Literal["shared", "separate", "none"] = "shared"
     embedding_dim: Annotated[Int, Field(ge=0)] = 0  # separate mode; 0 = size of the first layer

@@ -4,7 +4,9 @@ One file holds the network and its three item-input modes (the file format: recs
 - ``shared``: the input vector of an item is its output vector (one matrix, tied);
 - ``separate``: an input embedding of its own;
 - ``none``: one-hot input, i.e. the first GRU layer's input weights are a per-item row lookup.
-Scores are ``h · Wy[items]ᵀ + by[items]``. The item matrices are plain tensors updated row by
+``model.cell`` swaps the GRU for an LSTM, an Elman RNN or a memory-less layer
+(``recsys.model.cells``); the GRU keeps its draws and native kernels. Scores are
+``h · Wy[items]ᵀ + by[items]``. The item matrices are plain tensors updated row by
 row by the trainer (only the rows used in a step change); the GRU weights are dense.
 """
 
@@ -22,6 +24,8 @@ from torch import nn
 
 from recsys.config import ModelConfig
 from recsys.core.errors import RecsysError
+from recsys.model.cells import GATES, cell_from_gates, output_part, recurrent, state_width
+from recsys.model.cells import with_output as _with_output
 from recsys.model.matmul import linear
 from recsys.model.readout import RepeatReadout, recent_items
 
@@ -45,6 +49,9 @@ class GRU4Rec(nn.Module):
         self.config = config
         self.layers = list(config.layers)
         self.mode = config.embedding
+        self.cell = config.cell
+        self.state_sizes = [state_width(self.cell, h) for h in self.layers]  # per layer
+        gates = GATES[self.cell]  # input-gate blocks; the GRU's draws are the published model's
         gen = torch.Generator().manual_seed(seed)
         out_dim = self.layers[-1]
 
@@ -59,7 +66,7 @@ class GRU4Rec(nn.Module):
             h0 = self.layers[0]
             # One-hot input: per-item rows of the first layer's input weights, one block per gate.
             self.item_in = nn.Parameter(
-                torch.cat([_uniform((n_items, h0), n_items, h0, gen) for _ in range(3)], 1)
+                torch.cat([_uniform((n_items, h0), n_items, h0, gen) for _ in range(gates)], 1)
             )
             in_dim = 0
         else:
@@ -77,14 +84,17 @@ class GRU4Rec(nn.Module):
             else:
                 self.w_ih.append(
                     nn.Parameter(
-                        torch.cat([_uniform((h, fan_in), fan_in, h, gen) for _ in range(3)])
+                        torch.cat([_uniform((h, fan_in), fan_in, h, gen) for _ in range(gates)])
                     )
-                )  # (3H, fan_in)
+                )  # (G·H, fan_in)
+            hh = gates if recurrent(self.cell) else 0  # ffn: no recurrent weights
             self.w_hh.append(
-                nn.Parameter(torch.cat([_uniform((h, h), h, h, gen) for _ in range(3)]))
-            )  # (3H, H)
-            self.b_ih.append(nn.Parameter(torch.zeros(3 * h)))
-            self.b_hh.append(nn.Parameter(torch.zeros(3 * h)))
+                nn.Parameter(torch.cat([_uniform((h, h), h, h, gen) for _ in range(hh)]))
+                if hh
+                else nn.Parameter(torch.empty(0))
+            )  # (G·H, H)
+            self.b_ih.append(nn.Parameter(torch.zeros(gates * h)))
+            self.b_hh.append(nn.Parameter(torch.zeros(hh * h)))
         # Created last and without random draws: readout off is the published model, weight
         # for weight (same seed, same state dict).
         self.readout = (
@@ -106,7 +116,7 @@ class GRU4Rec(nn.Module):
 
     def init_hidden(self, batch: int) -> list[torch.Tensor]:
         device = self.item_out.device
-        return [torch.zeros(batch, h, device=device) for h in self.layers]
+        return [torch.zeros(batch, s, device=device) for s in self.state_sizes]
 
     def step(
         self,
@@ -129,6 +139,18 @@ class GRU4Rec(nn.Module):
         if self.mode != "none" and train and cfg.dropout_embed > 0:
             x = inverted_dropout(x, cfg.dropout_embed, kernels)
         for k, h in enumerate(hidden):
+            if self.cell != "gru":
+                onehot = k == 0 and self.mode == "none"
+                gi = x + self.b_ih[k] if onehot else linear(x, self.w_ih[k], self.b_ih[k], bf16)
+                state = cell_from_gates(self.cell, gi, h, self.w_hh[k], self.b_hh[k], bf16)
+                p = cfg.dropout_embed if onehot else cfg.dropout_hidden
+                out = output_part(self.cell, state, self.layers[k])
+                if train and p > 0:
+                    out = inverted_dropout(out, p, kernels)
+                    state = _with_output(self.cell, state, out)
+                new_hidden.append(state)
+                x = out
+                continue
             if k == 0 and self.mode == "none":
                 h_new = self._onehot_cell(x, h, k, bf16, kernels)
                 p = cfg.dropout_embed
@@ -171,7 +193,15 @@ class GRU4Rec(nn.Module):
     def infer_step(
         self, gates: torch.Tensor, hidden: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One click at inference from layer 0's input gates (B, 3H): output (B, H_last), hidden."""
+        """One click at inference from layer 0's input gates (B, G·H): output (B, H_last), hidden."""
+        if self.cell != "gru":
+            new_hidden, out = [], gates
+            for k, state in enumerate(hidden):
+                gi = F.linear(out, self.w_ih[k], self.b_ih[k]) if k else gates
+                new = cell_from_gates(self.cell, gi, state, self.w_hh[k], self.b_hh[k])
+                out = output_part(self.cell, new, self.layers[k])
+                new_hidden.append(new)
+            return out, new_hidden
         h = gru_cell_from_gates(gates, hidden[0], self.w_hh[0], self.b_hh[0])
         new_hidden = [h]
         for k in range(1, len(hidden)):

@@ -1,9 +1,10 @@
 """``recsys export``: a model's scoring step as ONNX or TorchScript, for use outside Python.
 
 The step is what a live click costs: ``(item, state) -> (new_state, scores)``, with ``item`` the
-clicked item's index (int64, shape (B,)), ``state`` every GRU layer's hidden state side by side
-(float32, (B, sum(layers)), zeros for a new session) and ``scores`` the logits of the whole
-catalogue (float32, (B, n_items)). The directory also holds ``items.json`` (the original id of
+clicked item's index (int64, shape (B,)), ``state`` every layer's state side by side
+(float32, (B, sum of the state sizes), zeros for a new session; an LSTM layer keeps [c, h],
+``meta.json`` says the cell and the width) and ``scores`` the logits of the whole catalogue
+(float32, (B, n_items)). The directory also holds ``items.json`` (the original id of
 each index, and the most clicked ids for a session with no known item) and ``meta.json``.
 The step is the network's own ``input_gates`` + ``infer_step`` + output product, so an exported
 step computes what ``LiveSessions.click`` does. A model with the repeat readout is refused: its
@@ -38,10 +39,10 @@ class ScoringStep(nn.Module):
     def __init__(self, network: GRU4Rec) -> None:
         super().__init__()
         self.network = network.eval()
-        self.layers = list(network.layers)
+        self.sizes = list(network.state_sizes)  # per layer: H, or 2H ([c, h]) for an LSTM
 
     def forward(self, item: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = list(state.split(self.layers, dim=1))
+        hidden = list(state.split(self.sizes, dim=1))
         out, new = self.network.infer_step(self.network.input_gates(item), hidden)
         scores = torch.addmm(self.network.item_bias, out, self.network.item_out.t())
         return torch.cat(new, dim=1), scores
@@ -50,7 +51,7 @@ class ScoringStep(nn.Module):
 def _probe(network: GRU4Rec, rows: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     items = torch.randint(0, network.n_items, (rows,), generator=gen)
-    state = torch.randn(rows, sum(network.layers), generator=gen) * 0.5
+    state = torch.randn(rows, sum(network.state_sizes), generator=gen) * 0.5
     return items, state
 
 
@@ -159,15 +160,17 @@ def _items(rec: SessionRecommender) -> dict[str, Any]:
 
 def _meta(rec: SessionRecommender, fmt: str) -> dict[str, Any]:
     layers = list(rec.model.layers)
+    width = sum(rec.model.state_sizes)
     return {
         "format": fmt,
         "file": FILES[fmt],
+        "cell": rec.model.cell,
         "layers": layers,
-        "state_size": sum(layers),
+        "state_size": width,
         "n_items": rec.n_items,
-        "inputs": {"item": "int64 (batch,)", "state": f"float32 (batch, {sum(layers)})"},
+        "inputs": {"item": "int64 (batch,)", "state": f"float32 (batch, {width})"},
         "outputs": {
-            "new_state": f"float32 (batch, {sum(layers)})",
+            "new_state": f"float32 (batch, {width})",
             "scores": f"float32 (batch, {rec.n_items})",
         },
         "dataset": rec.trained.dataset,

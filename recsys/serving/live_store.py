@@ -30,7 +30,7 @@ class KeptSession:
     at 100,000 sessions the per-object overhead is what the memory goes on."""
 
     clicks: list[Any]  # original ids of the last max_clicks clicks, known or not
-    state: torch.Tensor | None = None  # (sum(layers),): every layer's hidden, layer 0 first
+    state: torch.Tensor | None = None  # (sum(state_sizes),): every layer's state, layer 0 first
     seen: list[int] = field(default_factory=list)  # current model's indices of kept known clicks
     touched: float = 0.0
     changes: int = 0  # clicks so far: a swap replays again a session clicked since its snapshot
@@ -132,16 +132,16 @@ class SessionStore(Generic[S]):
 
 
 def _split(model: GRU4Rec, states: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Per-layer hidden (B, H_l) from kept states, zeros for sessions without one."""
-    width = sum(model.layers)
+    """Per-layer state (B, S_l) from kept states, zeros for sessions without one."""
+    width = sum(model.state_sizes)
     rows = [s if s is not None else torch.zeros(width) for s in states]
-    return list(torch.stack(rows).split(model.layers, dim=1))
+    return list(torch.stack(rows).split(model.state_sizes, dim=1))
 
 
 def step_states(
     model: GRU4Rec, states: Sequence[torch.Tensor | None], items: Sequence[int]
 ) -> torch.Tensor:
-    """One GRU step for many sessions at once: (B, sum(layers)) states after clicking ``items``."""
+    """One step for many sessions at once: (B, sum(state_sizes)) states after ``items``."""
     with torch.inference_mode():
         gates = model.input_gates(torch.tensor(list(items), dtype=torch.int64))
         _, hidden = model.infer_step(gates, _split(model, states))
@@ -149,7 +149,8 @@ def step_states(
 
 
 def output_of(model: GRU4Rec, state: torch.Tensor) -> torch.Tensor:
-    """The network's output after a state: its last layer's hidden."""
+    """The network's output after a state: its last layer's output, the trailing columns for
+    every cell (an LSTM layer keeps [c, h])."""
     return state[-model.layers[-1] :]
 
 
