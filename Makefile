@@ -22,7 +22,7 @@ LIVE_PORT ?= 5056
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup pipeline tune prepare train evaluate register recommend serve serve-live ui check-ui test lint format bench clean
+.PHONY: help setup pipeline tune compare-cells prepare train evaluate register recommend serve serve-live ui check-ui test lint format bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ pipeline: $(STAMP) ## prepare -> train -> evaluate -> register on CONFIG (defaul
 
 tune: $(STAMP) ## Hyper-parameter search on CONFIG's train_tr/valid -> data/<name>/tuning/best.yaml
 	$(VENV)/bin/recsys tune --config $(CONFIG)
+
+compare-cells: $(STAMP) ## Every cell (and BPTT 1 vs 5) trained and evaluated in one harness on CONFIG (docs/cells.md)
+	$(VENV)/bin/recsys compare-cells --config $(CONFIG)
 
 prepare: $(STAMP) ## Prepare the dataset of CONFIG
 	$(VENV)/bin/recsys prepare --config $(CONFIG)

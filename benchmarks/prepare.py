@@ -28,27 +28,41 @@ MEAN_GAP_S = 60.0
 START = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC, in ms
 
 
-def synthetic_log(n_events: int, seed: int = 0) -> pl.DataFrame:
-    """About ``n_events`` clicks: ``session``, ``item``, ``ts`` (epoch ms), in time order."""
+def synthetic_log(
+    n_events: int,
+    seed: int = 0,
+    n_items: int = N_ITEMS,
+    start_ms: int = START,
+    days: float = DAYS,
+    first_session: int = 1,
+    exponent: float = 0.9,
+) -> pl.DataFrame:
+    """About ``n_events`` clicks: ``session``, ``item``, ``ts`` (epoch ms), in time order.
+
+    Item ids depend on ``n_items`` only (not on ``seed``), so logs written in chunks with other
+    seeds, start times and first session ids (benchmarks/scale.py) share one catalogue."""
     rng = np.random.default_rng(seed)
     n_sessions = int(n_events / MEAN_SESSION_LENGTH)
     lengths = rng.geometric(1.0 / MEAN_SESSION_LENGTH, n_sessions)
     total = int(lengths.sum())
-    popularity = np.arange(1, N_ITEMS + 1, dtype=np.float64) ** -0.9
+    popularity = np.arange(1, n_items + 1, dtype=np.float64) ** -exponent
     cdf = np.cumsum(popularity)
     items = np.searchsorted(cdf, rng.random(total) * cdf[-1]).astype(np.int64)
-    item_ids = rng.permutation(N_ITEMS).astype(np.int64) * 7 + 1_000_000  # not 0..n-1
-    starts = np.sort(rng.integers(0, DAYS * 86_400_000, n_sessions))
+    ids = np.random.default_rng(n_items).permutation(n_items)
+    item_ids = ids.astype(np.int64) * 7 + 1_000_000  # not 0..n-1
+    starts = np.sort(rng.integers(0, int(days * 86_400_000), n_sessions))
     gaps = rng.exponential(MEAN_GAP_S * 1000, total).astype(np.int64)
     offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     gaps[offsets] = 0
     within = np.cumsum(gaps)
     within -= np.repeat(within[offsets], lengths)
-    ts = START + np.repeat(starts, lengths) + within
+    ts = start_ms + np.repeat(starts, lengths) + within
     order = np.argsort(ts, kind="stable")  # a log is recorded in time order: sessions interleave
     return pl.DataFrame(
         {
-            "session": np.repeat(np.arange(1, n_sessions + 1, dtype=np.int64), lengths)[order],
+            "session": np.repeat(
+                np.arange(first_session, first_session + n_sessions, dtype=np.int64), lengths
+            )[order],
             "item": item_ids[items][order],
             "ts": ts[order],
         }

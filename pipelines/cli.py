@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from pipelines.cli_cells import register as register_cells_command
 from pipelines.cli_live import register as register_live_commands
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -369,6 +370,7 @@ def ui(port: int) -> None:
 
 # recsys serve-live and recsys export: pipelines/cli_live.py (it keeps this module small)
 register_live_commands(main, friendly_errors)
+register_cells_command(main, friendly_errors)  # recsys compare-cells: pipelines/cli_cells.py
 
 if __name__ == "__main__":
     main()

@@ -88,17 +88,24 @@ def run_evaluate(config: Config, tracker: Tracker | None, force: bool = False) -
     return results
 
 
-def evaluate_dataset(config: Config, data: Any, key: str) -> dict[str, Any]:
-    from recsys.evaluation.baselines import make_baseline
-
+def harness_options(config: Config) -> dict[str, Any]:
+    """The harness's settings from the evaluation section: every model of every step (evaluate,
+    compare-cells) is measured with the same ones."""
     ev = config.evaluation
-    kwargs: dict[str, Any] = {
+    return {
         "cutoffs": ev.cutoffs,
         "ties": ev.ties,
         "batch_size": ev.batch_size,
         "exclude_seen": ev.exclude_seen,
         "coverage_k": ev.coverage_k,
     }
+
+
+def evaluate_dataset(config: Config, data: Any, key: str) -> dict[str, Any]:
+    from recsys.evaluation.baselines import make_baseline
+
+    ev = config.evaluation
+    kwargs = harness_options(config)
     rows: list[dict[str, Any]] = []
     positions: list[dict[str, Any]] = []  # every model's rows by position in the session
     gru = GRU4RecScorer.from_file(config.model_file)

@@ -7,6 +7,7 @@ from typing import Any
 import polars as pl
 
 from pipelines.cache import config_key, read_marker, step_key
+from pipelines.grad_norms import GRAD_PLOT, is_lag_metric, write_grad_plot
 from pipelines.system_metrics import SystemSampler
 from pipelines.tracking import (
     TAG_CACHED,
@@ -139,12 +140,15 @@ def run_train(
                         k: v
                         for k, v in record.items()
                         if k in ("loss", "events_per_second", "valid_metric", "seconds")
+                        or is_lag_metric(k)
                     },
                     step=int(record["epoch"]),
                 )
             run.metrics({"train_seconds": meta["seconds"], "epochs": meta["epochs"]})
             run.artifact(config.model_dir / META_FILE)
             run.artifact(config.model_dir / LOSS_PLOT)
+            if (config.model_dir / GRAD_PLOT).exists():  # a train.bptt window measured it
+                run.artifact(config.model_dir / GRAD_PLOT)
             run.inputs(split_inputs(config, data, train_splits(config)))
             _track_model(tracker, run, config, data, meta)  # takes the run's metrics so far
             run.series(sampler.samples)  # the run's, not the model's
@@ -260,5 +264,9 @@ def _train(config: Config, data: PreparedDataset, key: str, resume: bool) -> dic
         "n_items": data.n_items,
     }
     plot_loss([r for r in history if r["phase"] == "fit"], config.model_dir / LOSS_PLOT)
+    title = f"{config.name}: train.bptt {config.train.bptt}"
+    write_grad_plot(
+        [r for r in history if r["phase"] == "fit"], config.model_dir / GRAD_PLOT, title
+    )
     write_json(config.model_dir / META_FILE, meta)
     return meta

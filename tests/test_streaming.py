@@ -10,14 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from benchmarks import scale
+from benchmarks.train import settings, train_steps
 from pipelines.prepare import prepare
 from recsys.config import load_config
 from recsys.core.errors import RecsysError
-from recsys.data.preparation import prepare_events, write_prepared
+from recsys.data.preparation import load_prepared, prepare_events, write_prepared
 from recsys.data.schema import ITEMS_FILE, SPLITS, STATS_FILE, split_file
 from recsys.data.sources import read_events
 from recsys.data.streaming import prepare_streaming, resolve_engine
+from recsys.model.gru4rec import GRU4Rec
 from tests.conftest import ROOT, shared_path, tiny_config, write_config
 
 FILES = [*(split_file(s) for s in SPLITS), ITEMS_FILE, STATS_FILE]
@@ -103,3 +107,33 @@ def test_prepare_step_with_engine_streaming_writes_the_memory_files(tmp_path: Pa
     for name in (*(split_file(s) for s in SPLITS), ITEMS_FILE):
         assert (cfg.prepared_dir / name).read_bytes() == (tmp_path / "m" / name).read_bytes()
     assert stats["fingerprint"] == memory["fingerprint"]
+
+
+def test_generated_power_law_log_with_many_items_prepares_and_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/scale.py's log, written in chunks, through the streaming path in parts, then
+    a few training steps over its catalogue: the item rows the steps touch are updated."""
+    monkeypatch.setattr(scale, "CHUNK_EVENTS", 40_000)
+    log = tmp_path / "clicks.parquet"
+    n_events = scale.write_log(log, 160_000, n_items=50_000)
+    assert n_events > 150_000
+    cfg = scale._config(log, tmp_path / "work", "streaming")
+    prep = cfg.data.preparation.model_copy(update={"min_item_support": 1})  # keep the tail
+    stats = prepare_streaming(
+        read_events(cfg.data.source),
+        prep,
+        "log",
+        cfg.prepared_dir,
+        bucket_events=40_000,
+    )
+    data = load_prepared(cfg.prepared_dir)
+    assert stats["items"] == data.n_items > 10_000
+    model_cfg, train_cfg = settings()["a: 100 units, batch 32, XE+logQ"]
+    train_cfg = train_cfg.model_copy(update={"sample_store_size": 20_000, "kernels": "torch"})
+    result, model = train_steps(data.train, data.n_items, model_cfg, train_cfg, 5)
+    assert result["steps"] == 5 and model.n_items == data.n_items
+    untouched = GRU4Rec(data.n_items, model_cfg, seed=0)
+    changed = model.state_dict()["item_out"] != untouched.state_dict()["item_out"]
+    assert 0 < int(changed.any(dim=1).sum()) < data.n_items
+    assert torch.isfinite(model.state_dict()["item_out"]).all()

@@ -37,6 +37,26 @@ def plot_loss(history: Sequence[dict[str, Any]], path: Path) -> None:
     _save(plt, fig, path)
 
 
+def plot_grad_norms(lines: dict[str, Sequence[float]], path: Path, title: str = "") -> None:
+    """The vanishing gradient: mean ‖∂loss_t/∂h_(t-j)‖ against the lag j, one line per run or
+    epoch (``lines``: label -> norms at lags 0, 1, ...), on a log scale where all are positive."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    positive = True
+    for label, norms in lines.items():
+        ax.plot(range(len(norms)), list(norms), marker="o", label=label)
+        positive = positive and all(n > 0 for n in norms)
+    if positive and lines:
+        ax.set_yscale("log")
+    ax.set_xlabel("lag j (steps back from the loss)")
+    ax.set_ylabel("mean ‖∂loss_t / ∂h_(t-j)‖")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    _save(plt, fig, path)
+
+
 HIGHLIGHT, OTHERS, WINNER = "#1f77b4", "#b8bec6", "#d62728"
 
 

@@ -31,6 +31,9 @@ from recsys.evaluation.scorer import SessionScorer
 from recsys.ranking import TieMode
 
 POSITION_BUCKETS = 10  # prefix lengths 1 .. 9, then one bucket for ">= 10" clicks
+# Scores held at once (rows x catalogue): a batch of 512 rows over 1M items would be 2 GiB of
+# fp32 scores and as much again in bounds, so large catalogues get fewer rows per batch.
+SCORE_CELLS = 2**26
 
 
 def position_label(bucket: int) -> str:
@@ -194,7 +197,8 @@ def evaluate(
     bar = Progress(total, label, unit="ev") if show_progress else None
     max_k = min(max(coverage_k, *cutoffs), model.n_items)
     with torch.inference_mode():
-        for batch in _batches(sessions, batch_size):
+        rows = max(1, min(batch_size, SCORE_CELLS // max(1, model.n_items)))
+        for batch in _batches(sessions, rows):
             ranks, top = model.rank_sessions(batch, ties, max_k, exclude_seen)
             acc.add(ranks, top, prefix_lengths(batch))
             if bar is not None:

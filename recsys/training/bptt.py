@@ -24,8 +24,9 @@ backward (the scoring, the loss and the updates stay one per step). There is no 
 window is the steps the slots really took.
 
 Every ``GRAD_EVERY`` steps the window also measures the vanishing gradient: the mean over slots
-of ‖∂L_t/∂h_{t-j}‖ for j = 0 .. k-1, where h is the last layer's output (what the scorer reads)
-and a slot counts at lag j only if its session reaches back j steps (the mean is of the loss as
+of ‖∂L_t/∂h_{t-j}‖ for j = 0 .. k-1, where h is the last layer's output (for the LSTM: its h,
+with its memory cell c held fixed), read at lag 0 where the loss reads it and at lag j > 0
+where step t-j+1 reads it, and a slot counts at lag j only if its session reaches back j steps (the mean is of the loss as
 trained, summed over the batch and divided by the batch size).
 """
 
@@ -39,7 +40,8 @@ import numpy as np
 import torch
 
 GRAD_EVERY = 10  # steps between two gradient-norm measurements
-LAG_METRIC = "grad_norm_lag_{}"  # the epoch record's (and MLflow's) key for lag j
+LAG_PREFIX = "grad_norm_lag_"  # the epoch record's (and MLflow's) key for lag j: + str(j)
+LAG_METRIC = LAG_PREFIX + "{}"
 
 Hidden = list[torch.Tensor]
 StepFn = Callable[[torch.Tensor, Hidden], tuple[torch.Tensor, Hidden]]
@@ -69,7 +71,7 @@ class BpttWindow:
         self.k = k
         self.device = device
         self.steps: deque[_Step] = deque(maxlen=k)
-        self.outs: list[torch.Tensor] = []
+        self.states: list[torch.Tensor] = []
         self.count = 0
         self.measuring = False
         self.norm_sum = torch.zeros(k, dtype=torch.float64, device=device)
@@ -78,7 +80,7 @@ class BpttWindow:
     def clear(self) -> None:
         """A new epoch: the hidden state starts from zero, so does the window."""
         self.steps.clear()
-        self.outs = []
+        self.states = []
         self.count = 0
         self.norm_sum.zero_()
         self.norm_n.zero_()
@@ -107,7 +109,7 @@ class BpttWindow:
         input rows of ``inputs()``. Returns the last step's output and state."""
         hidden = self.steps[0].entering
         offset = 0
-        self.outs = []
+        self.states = []
         for i, s in enumerate(self.steps):
             if i:
                 if s.keep is not None:
@@ -120,22 +122,25 @@ class BpttWindow:
             n = len(s.inputs)
             out, hidden = step(x[offset : offset + n], hidden)
             offset += n
-            if self.measuring and out.requires_grad:
-                out.retain_grad()
-            self.outs.append(out)
-        return self.outs[-1], hidden
+            # h of the last layer: the state the next step reads, and at step t the output the
+            # loss reads (an LSTM's state also holds its memory cell, an output dropout a copy)
+            state = out if i == len(self.steps) - 1 else hidden[-1]
+            if self.measuring and state.requires_grad:
+                state.retain_grad()
+            self.states.append(state)
+        return out, hidden
 
     def measure(self, held: torch.Tensor | None = None) -> None:
         """After ``backward``: add ‖∂L_t/∂h_{t-j}‖ of the slots the loss reaches at each lag.
         ``held``: step t's slots whose loss is not the network's (the readout's holdout)."""
         if not self.measuring:
-            self.outs = []
+            self.states = []
             return
-        last = len(self.outs) - 1
-        alive = torch.ones(len(self.outs[last]), dtype=torch.bool, device=self.device)
+        last = len(self.states) - 1
+        alive = torch.ones(len(self.states[last]), dtype=torch.bool, device=self.device)
         if held is not None:
             alive = alive & ~held
-        for j in range(len(self.outs)):
+        for j in range(len(self.states)):
             s = last - j
             if j:  # map the slots alive after step s + 1 back onto step s's rows
                 nxt = self.steps[s + 1]
@@ -143,17 +148,18 @@ class BpttWindow:
                 if nxt.keep is None:
                     alive = carried
                 else:
-                    alive = torch.zeros(len(self.outs[s]), dtype=torch.bool, device=self.device)
+                    alive = torch.zeros(len(self.states[s]), dtype=torch.bool, device=self.device)
                     alive[nxt.keep] = carried
-            grad = self.outs[s].grad
+            grad = self.states[s].grad
+            width = self.states[last].shape[-1]  # h: a state's trailing columns
             norms = (
-                grad.norm(dim=1).double()
+                grad[:, -width:].norm(dim=1).double()
                 if grad is not None
                 else torch.zeros(len(alive), dtype=torch.float64, device=self.device)
             )
             self.norm_sum[j] += (norms * alive).sum()
             self.norm_n[j] += alive.sum()
-        self.outs = []  # the graph is freed with them
+        self.states = []  # the graph is freed with them
 
     def epoch_norms(self) -> dict[str, float]:
         """The epoch's mean gradient norm per lag (one host transfer), as record keys."""
