@@ -42,6 +42,7 @@ WINDOW = 5  # the longer truncated-BPTT window compared with GRU4Rec's 1
 WINDOW_CELLS = ("gru", "lstm")  # the cells also trained with it
 TABLE_CSV, TABLE_JSON = "cells.csv", "cells_table.json"
 GRAD_PLOT = "grad_norms_by_cell.png"
+SHOWN_POSITIONS = ("1", "2", "3", "5", ">=10")  # the terminal's; the CSV and MLflow hold all
 
 
 def cells() -> list[str]:
@@ -91,7 +92,8 @@ def run_compare_cells(
     if tracker is not None:
         _track(config, tracker, data, done, rows, out, bool(grads))
     columns = ["variant", metric_name("recall", k), metric_name("mrr", k)]
-    columns += [c for c in rows[0] if c.startswith(f"{metric_name('mrr', k)} after")]
+    columns += [f"{metric_name('mrr', k)} after {p}" for p in SHOWN_POSITIONS]
+    columns = [c for c in columns if c in rows[0]]  # a bucket without predictions has no column
     columns += ["events_per_second", "parameters", "train_seconds"]
     print(format_table(rows, columns))
     print(f"table: {out / TABLE_CSV}; by position: {out / BY_POSITION_CSV}")
@@ -133,7 +135,7 @@ def _row(name: str, vcfg: Config, found: dict[str, Any], k: int) -> dict[str, An
     }
     for p in found["by_position"]:
         row[f"{mrr} after {p['position']}"] = round(p[mrr], 4)
-    row["events_per_second"] = round(last["events_per_second"], 1)
+    row["events_per_second"] = round(last["events_per_second"])
     row["parameters"] = found["parameters"]
     row["recurrent_parameters"] = found["recurrent_parameters"]
     row["train_seconds"] = found["train_seconds"]
