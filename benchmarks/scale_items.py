@@ -12,6 +12,7 @@ tables) is counted tensor by tensor and stated in bytes per item. Then one evalu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -65,6 +66,9 @@ def items_child(n_target: int, quick: bool) -> dict[str, Any]:
     from recsys.serving.recommender import SessionRecommender
     from recsys.training.trainer import Trainer, item_support
 
+    threads = os.environ.get("RECSYS_SCALE_THREADS")  # 1 on a loaded machine: no spinning
+    if threads:
+        torch.set_num_threads(int(threads))
     n_events = max(2_000_000, EVENTS_PER_ITEM * n_target) // (4 if quick else 1)
     log = synthetic_log(n_events, n_items=n_target, exponent=EXPONENT, days=20)
     prep = PreparationConfig(min_item_support=1, test_days=1)
@@ -106,6 +110,7 @@ def items_child(n_target: int, quick: bool) -> dict[str, Any]:
         "eval_rss_growth_mib": round(ev_rss - ev_start, 1),
         "recommend_ms": round(recommend_ms, 2),
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -132,7 +137,7 @@ def bench_items(quick: bool) -> list[dict[str, Any]]:
                 "events_per_s": got["events_per_s"],
                 "peak_rss_mib": got["peak_rss_mib"],
                 "note": (
-                    f"{got['steps']} steps; {got['state_bytes_per_item']} B/item of state "
+                    f"{got['steps']} steps, {got['threads']} threads; {got['state_bytes_per_item']} B/item of state "
                     f"(+{got['train_rss_growth_mib']} MiB RSS in training); evaluation "
                     f"{got['eval_events_per_s']:,} predictions/s over the catalogue "
                     f"(+{got['eval_rss_growth_mib']} MiB peak); recommend "

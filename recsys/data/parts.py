@@ -22,10 +22,11 @@ from recsys.data.preparation import (
     summary_of,
     write_table,
 )
-from recsys.data.schema import ITEM, SESSION, SUPPORT, TEST, TIME, VALID
+from recsys.data.schema import ITEM, ITEM_IDX, SESSION, SUPPORT, TEST, TIME, VALID
 from recsys.data.splits import session_start
 
 _START = "__start"
+_RANGE = "__range"
 
 
 class Parts:
@@ -99,30 +100,33 @@ def write_ordered(parts: Parts, items: pl.DataFrame, name: str, out: Path) -> di
                 counts = repeat_target_counts(frame)
                 repeat = [a + b for a, b in zip(repeat, counts, strict=True)]
     parts.drop(name)
-    ranges = _ranges(pl.concat(starts) if starts else pl.Series(_START, []), parts.n)
-    ordered = [
-        pl.scan_parquet(parts.root / f"{name}.ordered" / f"{k}.parquet") for k in range(parts.n)
-    ]
-    for r, (lo, hi) in enumerate(ranges):
-        inside = pl.lit(True)
-        if lo is not None:
-            inside &= pl.col(_START) >= lo
-        if hi is not None:
-            inside &= pl.col(_START) < hi
-        frame = pl.concat(ordered).filter(inside).collect(engine="streaming")
-        frame = frame.sort([_START, SESSION, TIME], maintain_order=True)
-        parts.write(f"{name}.ranges", r, frame.drop(_START))
-    write_table(
-        pl.concat(
-            [
-                pl.scan_parquet(parts.root / f"{name}.ranges" / f"{r}.parquet")
-                for r in range(len(ranges))
-            ]
-        ),
-        out,
-    )
+    cuts = _cuts(pl.concat(starts) if starts else pl.Series(_START, []), parts.n)
+    for k in range(parts.n):  # each part's rows into its start ranges: one read per part
+        frame = parts.read(f"{name}.ordered", k)
+        where = cuts.search_sorted(frame[_START], side="right").alias(_RANGE)
+        for (r,), rows in (
+            frame.with_columns(where)
+            .partition_by(_RANGE, as_dict=True, maintain_order=True)
+            .items()
+        ):
+            parts.write(f"{name}.range{r}", k, rows.drop(_RANGE))
     parts.drop(f"{name}.ordered")
-    parts.drop(f"{name}.ranges")
+    for r in range(cuts.len() + 1):  # each range alone: its rows from every part, in part order
+        files = [parts.root / f"{name}.range{r}" / f"{k}.parquet" for k in range(parts.n)]
+        found = [pl.read_parquet(f) for f in files if f.exists()]
+        if found:
+            frame = pl.concat(found).sort([_START, SESSION, TIME], maintain_order=True)
+            parts.write(f"{name}.sorted", r, frame.drop(_START))
+        parts.drop(f"{name}.range{r}")
+    sorted_files = sorted(
+        (parts.root / f"{name}.sorted").glob("*.parquet"), key=lambda f: int(f.stem)
+    )
+    if sorted_files:
+        write_table(pl.concat([pl.scan_parquet(f) for f in sorted_files]), out)
+    else:  # an empty split: the in-memory path writes the empty frame with its columns
+        empty = attach_index(parts.read(name, 0), items).head(0)
+        write_table(empty.select(SESSION, ITEM, TIME, ITEM_IDX), out)
+    parts.drop(f"{name}.sorted")
     summary = summary_of(
         n_events,
         pl.concat(lengths) if lengths else pl.Series([], dtype=pl.UInt32),
@@ -132,11 +136,11 @@ def write_ordered(parts: Parts, items: pl.DataFrame, name: str, out: Path) -> di
     return {"summary": summary, "predictions": n_events - n_sessions, "repeat": repeat}
 
 
-def _ranges(starts: pl.Series, n: int) -> list[tuple[Any, Any]]:
-    """``n`` start-time ranges of about equal session counts, covering every start."""
+def _cuts(starts: pl.Series, n: int) -> pl.Series:
+    """Start times cutting the sessions into ``n`` ranges of about equal counts (sorted, unique;
+    range ``r`` holds the starts in ``[cuts[r - 1], cuts[r])``)."""
     if n == 1 or starts.len() == 0:
-        return [(None, None)]
+        return starts.head(0)
     ordered = starts.sort()
-    cuts = sorted({ordered[i * ordered.len() // n] for i in range(1, n)})
-    bounds: list[Any] = [None, *cuts, None]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    picked = [ordered[i * ordered.len() // n] for i in range(1, n)]
+    return pl.Series(_START, picked, dtype=starts.dtype).unique(maintain_order=True)
