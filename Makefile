@@ -15,6 +15,8 @@ UI_PORT ?= 5000
 STAMP := $(VENV)/.installed
 EXPORT_STAMP := $(VENV)/.installed-export
 LIVE_PORT ?= 5056
+DAYS ?= 7
+COLD_EVERY ?= 1
 
 # MLflow's store (mlops/ in the working directory: this folder) and its quiet environment are
 # set by the recsys commands themselves (recsys/serving/mlflow_store.py); only what the shell
@@ -22,7 +24,7 @@ LIVE_PORT ?= 5056
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup pipeline tune compare-cells prepare train evaluate register recommend serve serve-live ui check-ui test lint format bench clean
+.PHONY: help setup pipeline tune compare-cells prepare train evaluate register replay recommend serve serve-live ui check-ui test lint format bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -61,6 +63,9 @@ evaluate: $(STAMP) ## Evaluate GRU4Rec and the baselines on CONFIG's test split
 
 register: $(STAMP) ## Register the trained model in MLflow (champion/challenger)
 	$(VENV)/bin/recsys register --config $(CONFIG)
+
+replay: $(STAMP) ## Daily retraining replayed on CONFIG's last DAYS days: warm updates vs cold retrains every COLD_EVERY days
+	$(VENV)/bin/recsys replay --config $(CONFIG) --days $(DAYS) --cold-every $(COLD_EVERY)
 
 recommend: $(STAMP) ## Top-K for one session: make recommend ITEMS="id1,id2" [CONFIG=...]
 	@test -n "$(ITEMS)" || { echo 'usage: make recommend ITEMS="id1,id2,..." [CONFIG=...] [K=20]'; exit 2; }

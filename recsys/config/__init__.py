@@ -196,9 +196,7 @@ class TrainConfig(Section):
     # intra-op threads; 0 = the usable cores less one (recsys/training/threads.py: torch's one
     # per core lost ~90% of its speed beside one other busy process on 2 cores)
     threads: Annotated[Int, Field(ge=0)] = 0
-    # data-parallel processes (recsys/training/distributed.py, docs/distributed.md): gloo on
-    # CPU, NCCL with one GPU each; 1 = one process
-    nproc: Annotated[Int, Field(ge=1)] = 1
+    nproc: Annotated[Int, Field(ge=1)] = 1  # data-parallel processes: docs/distributed.md
     max_steps: Annotated[Int, Field(ge=0)] = (
         0  # 0 = full epochs; >0 caps steps per epoch (smoke runs)
     )
@@ -206,8 +204,7 @@ class TrainConfig(Section):
     # last k steps of its slot's session; 1 = GRU4Rec (gradients stop after one step)
     bptt: Annotated[Int, Field(ge=1, le=100)] = 1
     early_stopping: EarlyStoppingConfig | None = None
-    # a base model (path, runs:/, models:/) and its window; docs/retraining.md
-    warm_start: str | None = None
+    warm_start: str | None = None  # a base model and its window: docs/retraining.md
     window_days: Annotated[Float, Field(gt=0)] | None = None
 
 

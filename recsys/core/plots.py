@@ -185,3 +185,26 @@ def plot_by_position(
     if title:
         fig.suptitle(title, fontsize=10)
     _save(plt, fig, path)
+
+
+def plot_replay(rows: Sequence[dict[str, Any]], metrics: Sequence[str], path: Path) -> None:
+    """A replay by day: each metric, warm update against cold retrain (on the days it ran),
+    and the training seconds of both; ``rows`` have ``day`` and ``warm.<m>`` / ``cold.<m>``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.6 * (len(metrics) + 1), 3.4))
+    days = [r["day"] for r in rows]
+    for metric, ax in zip([*metrics, "seconds"], axes, strict=True):
+        for kind, color in (("warm", HIGHLIGHT), ("cold", WINNER)):
+            points = [(d, r[f"{kind}.{metric}"]) for d, r in zip(days, rows, strict=True)]
+            points = [(d, v) for d, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", color=color, label=kind)
+        name, _, k = metric.partition("@")
+        label = {"recall": "Recall", "mrr": "MRR", "seconds": "training seconds"}.get(name, name)
+        label += f"@{k}" if k else ""
+        ax.set_title(f"{label} by day", fontsize=10)
+        ax.set_xlabel("replayed day")
+        ax.set_xticks(days)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(plt, fig, path)

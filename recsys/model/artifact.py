@@ -8,7 +8,7 @@ knows the file's layout. The file holds tensors and plain values only, so it loa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,10 @@ class TrainedModel:
     items: ItemIndex
     dataset: str = ""
     data_fingerprint: str = ""
+    # the optimiser's state (plain tensors) a warm start continues from, and where the model
+    # came from: last_event (ISO time), window, base (recsys/training/warm_start.py)
+    optimizer: dict[str, Any] | None = field(default=None, compare=False)
+    lineage: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.items) != self.network.n_items:
@@ -96,6 +100,8 @@ class TrainedModel:
             "id_kind": self.items.id_kind,
             "dataset": self.dataset,
             "data_fingerprint": self.data_fingerprint,
+            "optimizer": self.optimizer or {},
+            "lineage": dict(self.lineage),
         }
         with atomic_path(Path(path)) as tmp:
             torch.save(payload, tmp)
@@ -132,6 +138,8 @@ class TrainedModel:
                 items,
                 str(payload.get("dataset") or ""),
                 str(payload.get("data_fingerprint") or ""),
+                payload.get("optimizer") or None,
+                {str(k): str(v) for k, v in (payload.get("lineage") or {}).items()},
             )
         except Exception as exc:  # noqa: BLE001 - a wrong shape, config or index: a damaged file
             raise RecsysError(

@@ -188,3 +188,43 @@ def download_model(uri: str, dest: Path) -> Path:
         return find_model_file(local)
     except RecsysError:
         raise RecsysError(f"{uri}: the MLflow model has no {MODEL_FILE} artifact") from None
+
+
+def local_artifacts(uri: str) -> Path | None:
+    """The directory a ``models:/`` or ``runs:/`` URI's artifacts live in, when the artifact
+    store is this machine's file system; None otherwise (or when MLflow cannot resolve it: the
+    download path then reports why). Reading the weights there, instead of MLflow's copy on a
+    pool of threads, is what keeps a live roll-over from stalling the requests it serves
+    alongside (measured: 0.2-0.7 s pauses of a 1 ms heartbeat during the copy)."""
+    from urllib.parse import unquote, urlparse
+
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    connect(create=False)
+    repo = ModelsArtifactRepository if uri.startswith("models:/") else RunsArtifactRepository
+    try:
+        underlying = urlparse(repo.get_underlying_uri(uri))
+    except Exception:  # noqa: BLE001 - unknown name, version or run: the download path says so
+        return None
+    if underlying.scheme not in ("", "file"):
+        return None
+    path = Path(unquote(underlying.path))
+    return path if path.is_dir() else None
+
+
+def load_model(uri: str | Path) -> Any:
+    """A ``TrainedModel`` from a model file, a directory holding one, or a ``models:/`` or
+    ``runs:/`` URI: how every command that takes a model names it."""
+    import tempfile
+
+    from recsys.model.artifact import TrainedModel, find_model_file
+
+    text = str(uri)
+    if text.startswith(("models:/", "runs:/")):
+        in_place = local_artifacts(text)
+        if in_place is not None:
+            return TrainedModel.load(find_model_file(in_place))
+        with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
+            return TrainedModel.load(download_model(text, Path(tmp)))
+    return TrainedModel.load(find_model_file(Path(text)))

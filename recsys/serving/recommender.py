@@ -13,11 +13,10 @@ network code, the same ``recsys.ranking`` ranker), so an offline metric describe
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from recsys.core.errors import RecsysError
-from recsys.model.artifact import TrainedModel, find_model_file, plain_id
+from recsys.model.artifact import TrainedModel, plain_id
 from recsys.model.gru4rec import GRU4Rec
 from recsys.ranking import CatalogueRanker, fast_by_default, ranker_for
 from recsys.serving.live_store import SessionStore
@@ -96,7 +95,7 @@ class SessionRecommender:
     """A trained GRU4Rec with its item index: original ids in, ranked original ids out."""
 
     def __init__(self, trained: TrainedModel, fast_top_k: bool | None = None) -> None:
-        self.trained = trained
+        self.trained = replace(trained, optimizer=None)  # a warm start's state: not served
         self.model: GRU4Rec = trained.network.eval()
         self.item_ids = list(trained.items.ids)
         self.numeric_ids = trained.items.numeric
@@ -128,13 +127,9 @@ class SessionRecommender:
         ``fast_top_k`` forces the certified low-precision first pass on or off (default: by size).
         """
         set_threads(threads)
-        text = str(uri)
-        if text.startswith(("models:/", "runs:/")):
-            from recsys.serving.mlflow_store import download_model
+        from recsys.serving.mlflow_store import load_model
 
-            with tempfile.TemporaryDirectory(prefix="recsys-model-") as tmp:
-                return cls(TrainedModel.load(download_model(text, Path(tmp))), fast_top_k)
-        return cls(TrainedModel.load(find_model_file(Path(text))), fast_top_k)
+        return cls(load_model(uri), fast_top_k)
 
     # --- the id mapping ---------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from recsys.training.bptt import BpttWindow, reset_slots
 from recsys.training.leaves import apply_updates, step_rows
 from recsys.training.readout_loss import SampledPartition, step_readout_loss
 from recsys.training.threads import apply_threads
+from recsys.training.warm_start import WarmStart, state_on
 
 CHECKPOINT = "last.pt"
 CHECK_EVERY = 50  # steps between reading losses back (divergence check, progress bar)
@@ -72,6 +73,8 @@ class Trainer:
     optimizer: RowAdagradM = field(init=False)
     sampler: SampleStore = field(init=False)
     log_pop: torch.Tensor = field(init=False)
+    batches = staticmethod(session_parallel_batches)  # a data-parallel rank's: distributed.py
+    writes_checkpoints = True  # not on the ranks but 0 of a data-parallel run
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -201,7 +204,7 @@ class Trainer:
         start = time.perf_counter()
         bar = Progress(data.n_events, f"{label} epoch {epoch + 1}/{cfg.epochs}", unit="ev")
         try:
-            for step in session_parallel_batches(data, cfg.batch_size):
+            for step in self.batches(data, cfg.batch_size):
                 if step.keep is not None:
                     keep = torch.from_numpy(step.keep).to(self.device)
                     hidden = [h.index_select(0, keep) for h in hidden]
@@ -311,6 +314,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     seconds: float
     resumed_from: int = 0
+    optimizer: dict[str, Any] = field(default_factory=dict)  # its state, saved with the model
 
 
 def _fingerprint(
@@ -330,6 +334,8 @@ def train_gru4rec(
     on_epoch: EpochCallback | None = None,
     validate: Callable[[GRU4Rec], float] | None = None,
     stop: Callable[[list[dict[str, Any]]], bool] | None = None,
+    warm: WarmStart | None = None,
+    make: Callable[..., Trainer] = Trainer,  # distributed.py: a data-parallel rank's trainer
 ) -> TrainResult:
     """Train GRU4Rec on prepared train events (ordered by session start).
 
@@ -346,10 +352,12 @@ def train_gru4rec(
     if data.n_events == 0:
         raise RecsysError("the train split has no session with at least two clicks to learn from")
     model = GRU4Rec(n_items, model_config, seed=cfg.seed).to(device)
-    trainer = Trainer(model, cfg, item_support(train, n_items), device)
+    trainer = make(model, cfg, warm.support if warm else item_support(train, n_items), device)
+    if warm is not None:  # yesterday's weights and optimiser state, on today's index
+        warm.apply(model, trainer.optimizer, device)
     history: list[dict[str, Any]] = []
     first_epoch = 0
-    key = _fingerprint(model_config, cfg, n_items, data.n_events)
+    key = _fingerprint(model_config, cfg, n_items, data.n_events) + (warm.key if warm else "")
     ckpt_path = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
     if resume and ckpt_path is not None and ckpt_path.exists():
         try:
@@ -373,7 +381,7 @@ def train_gru4rec(
         if validate is not None:
             record["valid_metric"] = validate(model)
         history.append(record)
-        if ckpt_path is not None:
+        if ckpt_path is not None and trainer.writes_checkpoints:
             state = trainer.checkpoint_state(epoch + 1, history)
             state["key"] = key
             with atomic_path(ckpt_path) as tmp:
@@ -383,4 +391,5 @@ def train_gru4rec(
         if stop is not None and stop(history):
             break
     model.eval()
-    return TrainResult(model, history, time.perf_counter() - start, resumed_from=first_epoch)
+    optimizer = state_on(trainer.optimizer.state_dict(), torch.device("cpu"))
+    return TrainResult(model, history, time.perf_counter() - start, first_epoch, optimizer)
