@@ -130,3 +130,16 @@ def test_training_with_a_window_logs_the_gradient_norm_at_every_lag(cell: str) -
             assert norms[1:] == [0.0, 0.0, 0.0]
         else:
             assert all(n > 0 for n in norms[1:])
+
+
+@pytest.mark.parametrize(
+    ("loss", "embedding"),
+    [("cross-entropy", "separate"), ("bpr-max", "none"), ("top1-max", "shared")],
+)
+def test_a_window_trains_with_every_loss_and_input_mode(loss: str, embedding: str) -> None:
+    log = deterministic_log(n_sessions=200)
+    model_cfg = ModelConfig(layers=[16], embedding=embedding, dropout_embed=0.1)
+    cfg = small_train_config(bptt=3, loss=loss, max_steps=30)
+    (record,) = train_gru4rec(log, 30, model_cfg, cfg).history
+    assert np.isfinite(record["loss"]) and record["steps"] == 30
+    assert record[LAG_METRIC.format(2)] > 0
