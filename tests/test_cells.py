@@ -39,13 +39,22 @@ TORCH_CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell}
 N_ITEMS = 20
 
 
-def network(cell: str, layers: list[int], embedding: str = "separate", seed: int = 3) -> GRU4Rec:
+def network(
+    cell: str,
+    layers: list[int],
+    embedding: str = "separate",
+    seed: int = 3,
+    readout: str = "gru4rec",
+) -> GRU4Rec:
     """A network of ``cell`` with non-zero biases (they start at zero, which would hide them)."""
-    net = GRU4Rec(N_ITEMS, ModelConfig(layers=layers, cell=cell, embedding=embedding), seed=seed)
+    config = ModelConfig(layers=layers, cell=cell, embedding=embedding, readout=readout)
+    net = GRU4Rec(N_ITEMS, config, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for b in (*net.b_ih, *net.b_hh):
             b.copy_(torch.rand(b.shape, generator=gen) - 0.5)
+        if net.readout is not None:  # a gate that reads the output (it starts at zero)
+            net.readout.gate_w.copy_(torch.rand(net.readout.gate_w.shape, generator=gen) - 0.5)
     return net
 
 
@@ -220,9 +229,39 @@ def test_cell_gru_is_the_model_without_the_key_and_old_files_load_as_gru(tmp_pat
     assert all(torch.equal(v, old.state_dict()[k]) for k, v in a.items())
 
 
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn", "ffn"])
+def test_two_layers_with_dropouts_and_bpr_max_resume_as_an_uninterrupted_run(
+    cell: str, tmp_path: Path
+) -> None:
+    """Each cell (each in another embedding mode) with both dropouts, momentum and the
+    sampler: stopped after epoch 1, resumed from its checkpoint (loaded weights_only), it
+    ends with the uninterrupted run's weights."""
+    log = deterministic_log(n_sessions=200)
+    model_cfg = ModelConfig(
+        layers=[12, 8], cell=cell, embedding=MODES[cell], dropout_embed=0.1, dropout_hidden=0.2
+    )
+    cfg = small_train_config(epochs=2, momentum=0.2, loss="bpr-max")
+    straight = train_gru4rec(log, 30, model_cfg, cfg).model.state_dict()
+
+    def stop_after_one(record: dict[str, object]) -> None:
+        if record["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_gru4rec(log, 30, model_cfg, cfg, checkpoint_dir=tmp_path, on_epoch=stop_after_one)
+    resumed = train_gru4rec(log, 30, model_cfg, cfg, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.resumed_from == 1
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in straight.items())
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_live_sessions_and_the_live_service_step_equal_reruns(cell: str) -> None:
-    net = network(cell, [8, 6], embedding=MODES[cell]).eval()
+    readout = "repeat" if cell == "lstm" else "gru4rec"  # the readout reads any cell's output
+    net = network(cell, [8, 6], embedding=MODES[cell], readout=readout).eval()
     rec = SessionRecommender(TrainedModel(net, ItemIndex.of([f"i{i}" for i in range(N_ITEMS)])))
     sessions = [["i3", "i7", "i3", "i11", "i0", "i19"], ["i5", "i2"], ["i9"]]
     live = rec.live()
