@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.serve import free_port, start_server, stop_server, wait_ready
-from recsys.config import ModelConfig, TrainConfig, config_from_dict
+from recsys.config import ModelConfig, TrainConfig, config_from_dict, load_config
+from recsys.core.errors import RecsysError
 from recsys.model.artifact import ItemIndex, TrainedModel
 from recsys.model.gru4rec import GRU4Rec
 from recsys.model.kernels import native_kernels
@@ -229,6 +230,12 @@ def test_cell_gru_is_the_model_without_the_key_and_old_files_load_as_gru(tmp_pat
     assert all(torch.equal(v, old.state_dict()[k]) for k, v in a.items())
 
 
+def test_an_unknown_cell_is_one_config_error_naming_the_key(tmp_path: Path) -> None:
+    raw = tiny_config(tmp_path, model={"cell": "transformer"})
+    with pytest.raises(RecsysError, match=r"model\.cell: .*'gru', 'lstm', 'rnn' or 'ffn'"):
+        load_config(write_config(tmp_path / "c.yaml", raw))
+
+
 class Interrupt(Exception):
     pass
 
@@ -288,14 +295,21 @@ def test_live_sessions_and_the_live_service_step_equal_reruns(cell: str) -> None
     )
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn", "ffn"])
-def test_exported_step_of_each_cell_scores_as_the_library(cell: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("cell", "fmt"),
+    [("lstm", "torchscript"), ("rnn", "torchscript"), ("ffn", "torchscript"), ("lstm", "onnx")],
+)
+def test_exported_step_of_each_cell_scores_as_the_library(
+    cell: str, fmt: str, tmp_path: Path
+) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime", reason="the export extra: pip install -e '.[export]'")
     net = network(cell, [8, 6], embedding=MODES[cell]).eval()
     rec = SessionRecommender(TrainedModel(net, ItemIndex.of(list(range(N_ITEMS)))))
-    path = export_model(rec, "torchscript", tmp_path / "out")  # checks itself on a probe
+    path = export_model(rec, fmt, tmp_path / "out")  # checks itself on a probe
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert (meta["cell"], meta["state_size"]) == (cell, sum(net.state_sizes))
-    step = load_exported("torchscript", path)
+    step = load_exported(fmt, path)
     session = [3, 7, 3, 11]
     state = np.zeros((1, meta["state_size"]), np.float32)
     for item in session:
