@@ -29,7 +29,7 @@ from pipelines.replay_days import (
 )
 from pipelines.tracking import TAG_MODEL, StepRun, Tracker, guard
 from pipelines.warm import WINDOW, time_text
-from recsys.config import Config
+from recsys.config import MODEL_FILE, Config
 from recsys.core.atomic import write_json
 from recsys.core.plots import plot_replay
 from recsys.core.progress import step
@@ -62,7 +62,9 @@ def run_replay(config: Config, tracker: Tracker, days: int, cold_every: int) -> 
     with tracker.parent(f"replay-{config.name}") as parent_id:
         with step("replay: the first model, cold on everything before the first window"):
             model = train_cold(config, clicks_between(log, None, starts[0] - window))
-        base_version = _register(config, tracker, model, None, metric, None, out / "seed.pt")
+        base_version = _register(
+            config, tracker, model, None, metric, None, out / "seed" / MODEL_FILE
+        )
         for i, start in enumerate(starts):
             label = f"day {i + 1}/{days} ({start.date()})"
             test = sessions_starting(log, start, start + DAY)
@@ -78,7 +80,7 @@ def run_replay(config: Config, tracker: Tracker, days: int, cold_every: int) -> 
             row |= _day_row(i + 1, start, log, test, cold, config, "cold")
             with tracker.step(f"replay-day-{i + 1}", ("model", "train")) as run:
                 run.metrics({k: v for k, v in row.items() if isinstance(v, float | int)})
-                path = out / f"day-{i + 1}.pt"
+                path = out / f"day-{i + 1}" / MODEL_FILE
                 version = _register(config, tracker, model, base_version, metric, row, path)
                 run.tags({TAG_BASE: base_version, TAG_WINDOW: model.model.lineage[WINDOW]})
                 run.tags({"recsys.model_version": version})

@@ -21,8 +21,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines.replay_days import train_cold, train_warm_day
+from pipelines.prepare import prepare
+from pipelines.replay_days import day_starts, replay_log, train_cold, train_warm_day
 from recsys.config import ModelConfig, config_from_dict
+from recsys.core.errors import RecsysError
+from recsys.data.preparation import load_prepared
 from recsys.model.artifact import ItemIndex, TrainedModel
 from recsys.model.gru4rec import GRU4Rec
 from recsys.serving.recommender import SessionRecommender
@@ -115,9 +118,9 @@ def cold_base(tmp_path_factory: pytest.TempPathFactory) -> Base:
     raw["data"]["source"]["synthetic"]["days"] = 28
     config = write_config(tmp_path / "tiny.yaml", raw)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    for step in ("prepare", "train"):
-        proc = run_cli(step, "-c", str(config), env=env)
-        assert proc.returncode == 0, proc.stderr
+    prepare(config_from_dict(raw))
+    proc = run_cli("train", "-c", str(config), env=env)
+    assert proc.returncode == 0, proc.stderr
     base = tmp_path / "base.pt"
     shutil.copy(tmp_path / "a" / "tiny" / "model" / "model.pt", base)
     shutil.rmtree(tmp_path / "a" / "tiny" / "checkpoints")
@@ -128,7 +131,7 @@ def test_warm_start_killed_and_resumed_gives_the_weights_of_an_uninterrupted_one
     cold_base: Base, tmp_path: Path
 ) -> None:
     tiny, env, base, raw = cold_base
-    raw = raw | {"train": raw["train"] | {"epochs": 40, "window_days": 4}}
+    raw = raw | {"train": raw["train"] | {"epochs": 12, "window_days": 3}}
     shutil.copytree(tiny.parent / "a", tmp_path / "a")
     shutil.copytree(tiny.parent / "a", tmp_path / "b")
     config = write_config(tmp_path / "warm.yaml", raw | {"workdir": str(tmp_path / "a")})
@@ -149,7 +152,7 @@ def test_warm_start_killed_and_resumed_gives_the_weights_of_an_uninterrupted_one
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     epochs_done = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 1 <= epochs_done < 40
+    assert 1 <= epochs_done < 12
     resumed = run_cli(*warm, "--resume", "-c", str(config), env=env)
     assert resumed.returncode == 0, resumed.stderr
     a = TrainedModel.load(tmp_path / "a" / "tiny" / "model" / "model.pt")
@@ -160,7 +163,7 @@ def test_warm_start_killed_and_resumed_gives_the_weights_of_an_uninterrupted_one
     assert a.lineage["base"] == str(base)
 
 
-def test_warm_start_from_another_network_is_one_clear_error_naming_both_values(
+def test_warm_start_from_another_network_and_replay_of_too_many_days_are_one_clear_error_each(
     cold_base: Base,
 ) -> None:
     config, env, base, raw = cold_base
@@ -171,14 +174,15 @@ def test_warm_start_from_another_network_is_one_clear_error_naming_both_values(
         f"error: warm start from {base}: the base model has model.layers = [32] but the config "
         f"has [24]; a warm start needs the same network (train cold, or set model.layers: [32])"
     ]
-    days = run_cli("replay", "-c", str(config), "--days", "30", env=env)
-    assert days.returncode == 1 and "Traceback" not in days.stderr
-    assert days.stderr.startswith("error: replay --days 30: the log spans ")
-    assert "can be replayed" in days.stderr and len(days.stderr.strip().splitlines()) == 1
+    log = replay_log(load_prepared(config_from_dict(raw).prepared_dir))
+    with pytest.raises(
+        RecsysError, match=r"^replay --days 30: the log spans 2\d\.\d days; at most"
+    ):
+        day_starts(log, 30)
 
 
 def test_replay_logs_a_child_run_per_day_and_registers_versions_naming_base_and_window(
-    cold_base: Base,
+    cold_base: Base, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config, env, _, _ = cold_base
     proc = run_cli("replay", "-c", str(config), "--days", "2", "--cold-every", "2", env=env)
@@ -214,3 +218,6 @@ def test_replay_logs_a_child_run_per_day_and_registers_versions_naming_base_and_
     assert versions[3]["recsys.window"] > versions[2]["recsys.window"]
     champion = client.get_model_version_by_alias("gru4rec-tiny-replay", "champion")
     assert int(champion.version) in (2, 3)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    served = SessionRecommender.load("models:/gru4rec-tiny-replay@champion")
+    assert served.trained.lineage["window"] == versions[int(champion.version)]["recsys.window"]
