@@ -27,6 +27,7 @@ BENCHMARKS = (
     "prepare",
     "train",
     "train-load",
+    "train-parallel",
     "evaluate",
     "serve",
     "serve-live",
@@ -58,6 +59,10 @@ def benchmark(name: str) -> Benchmark:
             from benchmarks.train_load import bench_train_load
 
             return bench_train_load
+        case "train-parallel":
+            from benchmarks.train_parallel import bench_train_parallel
+
+            return bench_train_parallel
         case "evaluate":
             from benchmarks.evaluate import bench_evaluate
 

@@ -15,11 +15,16 @@ import torch
 
 
 def default_threads() -> int:
-    """What ``train.threads: 0`` means here: the usable cores less one, at least one."""
+    """What ``train.threads: 0`` means here: the usable cores less one, at least one; with
+    N data-parallel processes on this machine (``LOCAL_WORLD_SIZE``, set by torchrun and by
+    ``train.nproc``) each takes cores // N, so the ranks do not wait on each other's cores."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if local > 1:
+        return max(1, cores // local)
     return max(1, cores - 1)
 
 
