@@ -17,6 +17,7 @@ import click
 
 from pipelines.cli_cells import register as register_cells_command
 from pipelines.cli_live import register as register_live_commands
+from pipelines.cli_replay import register as register_replay_command
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -118,12 +119,17 @@ def prepare(config_path: Path, force: bool) -> None:
 @CONFIG
 @FORCE
 @click.option("--resume", is_flag=True, help="Continue from the last epoch checkpoint.")
+@click.option("--warm-start", metavar="MODEL", help="Continue from a model file or models:/ URI.")
+@click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel processes (train.nproc).")
 @friendly_errors
-def train(config_path: Path, force: bool, resume: bool) -> None:
-    """Train GRU4Rec on the prepared train split."""
-    from pipelines.train import run_train
+def train(
+    config_path: Path, force: bool, resume: bool, warm_start: str | None, nproc: int | None
+) -> None:
+    """Train GRU4Rec on the prepared train split (or warm, on its newest clicks)."""
+    from pipelines.train import run_train, with_nproc
+    from pipelines.warm import with_warm_start
 
-    config = _load(config_path)
+    config = with_nproc(with_warm_start(_load(config_path), warm_start), nproc)
     run_train(config, _tracker(config), force=force, resume=resume)
 
 
@@ -371,6 +377,7 @@ def ui(port: int) -> None:
 # recsys serve-live and recsys export: pipelines/cli_live.py (it keeps this module small)
 register_live_commands(main, friendly_errors)
 register_cells_command(main, friendly_errors)  # recsys compare-cells: pipelines/cli_cells.py
+register_replay_command(main, friendly_errors)  # recsys replay: pipelines/cli_replay.py
 
 if __name__ == "__main__":
     main()

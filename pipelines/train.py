@@ -21,6 +21,7 @@ from pipelines.tracking import (
     guard,
     split_inputs,
 )
+from pipelines.warm import base_key, lineage, load_base, train_warm
 from recsys.config import Config
 from recsys.core.atomic import write_json
 from recsys.core.errors import RecsysError
@@ -34,7 +35,7 @@ from recsys.evaluation.harness import evaluate
 from recsys.model.artifact import ItemIndex, TrainedModel
 from recsys.model.gru4rec import GRU4Rec
 from recsys.serving.mlflow_store import log_pyfunc
-from recsys.training.trainer import train_gru4rec
+from recsys.training.launch import is_follower, train_data_parallel
 
 META_FILE = "meta.json"
 LOSS_PLOT = "loss.png"
@@ -43,6 +44,13 @@ LOSS_PLOT = "loss.png"
 def train_key(config: Config, data_fingerprint: str) -> str:
     """A model is of the model and train sections and of the prepared data."""
     return step_key(config_key(config, "model", "train"), data_fingerprint)
+
+
+def with_nproc(config: Config, nproc: int | None) -> Config:
+    """The config with ``--nproc`` in ``train.nproc`` (so the step's key has it)."""
+    if nproc is None:
+        return config
+    return config.model_copy(update={"train": config.train.model_copy(update={"nproc": nproc})})
 
 
 def read_meta(config: Config, key: str | None = None) -> dict[str, Any] | None:
@@ -91,7 +99,7 @@ def _tune_epochs(config: Config, data: PreparedDataset) -> tuple[int, list[dict[
     es = config.train.early_stopping
     assert es is not None
     metric = parse_metric(es.metric)  # checked when the config loaded; its own cut-off
-    tuned = train_gru4rec(
+    tuned = train_data_parallel(
         data.train_tr,
         data.n_items,
         config.model,
@@ -108,6 +116,11 @@ def run_train(
     data = load_prepared(config.prepared_dir)
     fingerprint = data.stats["fingerprint"]
     key = train_key(config, fingerprint)
+    if is_follower():  # a torchrun rank but 0: it trains beside rank 0, which logs and writes
+        tracker = None
+    base = load_base(config.train.warm_start, config) if config.train.warm_start else None
+    if base is not None:  # the key names the base's weights, not only its name
+        key = step_key(key, base_key(base))
     meta = None if force or resume else read_meta(config, key)
     if (
         meta is not None
@@ -122,7 +135,9 @@ def run_train(
     )
     if meta is None:
         with sampler:
-            meta = _train(config, data, key, resume)
+            meta = _train(config, data, key, resume, base)
+        if is_follower():
+            return meta
     if tracker is not None:
         with tracker.step("train", ("model", "train")) as run:
             run.tags(
@@ -221,7 +236,9 @@ def check_trainable(config: Config, data: PreparedDataset) -> None:
         )
 
 
-def _train(config: Config, data: PreparedDataset, key: str, resume: bool) -> dict[str, Any]:
+def _train(
+    config: Config, data: PreparedDataset, key: str, resume: bool, base: TrainedModel | None
+) -> dict[str, Any]:
     check_trainable(config, data)
     history: list[dict[str, Any]] = []
     epochs = config.train.epochs
@@ -231,29 +248,42 @@ def _train(config: Config, data: PreparedDataset, key: str, resume: bool) -> dic
         print(
             f"early stopping: best {config.train.early_stopping.metric} on valid after {epochs} epochs"
         )
-    with step(f"train GRU4Rec on {data.train.height:,} clicks"):
-        result = train_gru4rec(
-            data.train,
-            data.n_items,
-            config.model,
-            config.train,
-            checkpoint_dir=config.checkpoint_dir,
-            resume=resume,
-            epochs=epochs,
+    if base is not None:  # pipelines/warm.py: the window, the index mapping, the lineage
+        with step(f"train GRU4Rec warm from {config.train.warm_start}"):
+            result, trained = train_warm(config, data, base, key, resume, epochs)
+    else:
+        with step(f"train GRU4Rec on {data.train.height:,} clicks"):
+            result = train_data_parallel(
+                data.train,
+                data.n_items,
+                config.model,
+                config.train,
+                checkpoint_dir=config.checkpoint_dir,
+                resume=resume,
+                epochs=epochs,
+            )
+        trained = TrainedModel(
+            result.model,
+            ItemIndex.from_table(data.items),
+            config.name,
+            data.stats["fingerprint"],
+            result.optimizer,
+            lineage(data.train, ""),
         )
     history += [{**r, "phase": "fit"} for r in result.history]
-    trained = TrainedModel(
-        result.model, ItemIndex.from_table(data.items), config.name, data.stats["fingerprint"]
-    )
-    model_fingerprint = trained.save(config.model_file)
+    follower = is_follower()  # its replica equals rank 0's, which writes the files
+    model_fingerprint = "" if follower else trained.save(config.model_file)
     if config.evaluation.fusion.enabled:
         with step(f"train GRU4Rec on train_tr ({data.train_tr.height:,} clicks) for the fusions"):
-            on_tr = train_gru4rec(
+            on_tr = train_data_parallel(
                 data.train_tr, data.n_items, config.model, config.train, epochs=epochs
             )
-        TrainedModel(on_tr.model, trained.items, config.name, data.stats["fingerprint"]).save(
-            config.valid_model_file
-        )
+        if not follower:
+            TrainedModel(on_tr.model, trained.items, config.name, data.stats["fingerprint"]).save(
+                config.valid_model_file
+            )
+    if follower:
+        return {"history": history}
     meta = {
         "key": key,
         "model_fingerprint": model_fingerprint,
