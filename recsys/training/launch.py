@@ -149,6 +149,7 @@ def _spawned(size: int, args: tuple[Any, ...], options: dict[str, Any]) -> Train
     """``train.nproc``: this process is rank 0 and spawns ranks 1..N-1 beside it."""
     store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False)
     saved = {k: os.environ.get(k) for k in ("LOCAL_WORLD_SIZE", "GLOO_SOCKET_IFNAME")}
+    threads = torch.get_num_threads()  # rank 0 takes cores // N; what runs after gets them back
     os.environ["LOCAL_WORLD_SIZE"] = str(size)  # threads.default_threads: cores // size
     if saved["GLOO_SOCKET_IFNAME"] is None and Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the ranks talk over loopback only
@@ -175,6 +176,7 @@ def _spawned(size: int, args: tuple[Any, ...], options: dict[str, Any]) -> Train
                 raise helper from None
             raise
         finally:
+            torch.set_num_threads(threads)
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
