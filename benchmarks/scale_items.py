@@ -59,6 +59,7 @@ def _item_tensors(obj: Any, n_items: int, seen: set[int], depth: int = 0) -> int
 
 def items_child(n_target: int, quick: bool) -> dict[str, Any]:
     """One catalogue size, measured in this process."""
+    from recsys.data.batching import session_arrays
     from recsys.data.preparation import prepare_events
     from recsys.evaluation.gru4rec import GRU4RecScorer
     from recsys.evaluation.harness import evaluate
@@ -78,8 +79,12 @@ def items_child(n_target: int, quick: bool) -> dict[str, Any]:
     model_cfg, train_cfg = settings()["a: 100 units, batch 32, XE+logQ"]
     steps = STEPS // (5 if quick else 1)
     result, model = train_steps(data.train, n_items, model_cfg, train_cfg, steps)
-    probe = Trainer(model, train_cfg, item_support(data.train, n_items), torch.device("cpu"))
-    state = _item_tensors(model, n_items, set()) + _item_tensors(probe, n_items, set())
+    # a trainer of its own, run a few steps so that the optimiser's state exists, then counted
+    few = train_cfg.model_copy(update={"max_steps": 3})
+    probe = Trainer(model, few, item_support(data.train, n_items), torch.device("cpu"))
+    probe.run_epoch(session_arrays(data.train), epoch=0)
+    seen: set[int] = set()  # the trainer holds the model too: count each tensor once
+    state = _item_tensors(model, n_items, seen) + _item_tensors(probe, n_items, seen)
     del probe
     test = data.test.head(EVAL_PREDICTIONS + data.test["session_id"].n_unique())
     ev_start = _rss_mib()
