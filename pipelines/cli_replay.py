@@ -35,8 +35,13 @@ def register(group: click.Group, guard: Guard) -> None:
         show_default=True,
         help="Also retrain cold every K days (1: every day), for the comparison.",
     )
+    @click.option(
+        "--warm-epochs",
+        type=click.IntRange(min=1),
+        help="Epochs of each daily warm update (default: train.epochs, as a cold retrain).",
+    )
     @guard
-    def replay(config_path: Path, days: int, cold_every: int) -> None:
+    def replay(config_path: Path, days: int, cold_every: int, warm_epochs: int | None) -> None:
         """Daily retraining replayed: warm updates vs cold retrains, day by day (docs/retraining.md)."""
         from pipelines.replay import run_replay
         from pipelines.tracking import Tracker
@@ -45,4 +50,4 @@ def register(group: click.Group, guard: Guard) -> None:
         config = load_config(config_path)
         tracker = Tracker(config)
         tracker.client  # noqa: B018 - an unreachable store is said before the training
-        run_replay(config, tracker, days, cold_every)
+        run_replay(config, tracker, days, cold_every, warm_epochs)

@@ -48,8 +48,18 @@ def replay_name(config: Config) -> str:
     return f"{config.registered_model_name}-replay"
 
 
-def run_replay(config: Config, tracker: Tracker, days: int, cold_every: int) -> dict[str, Any]:
-    """Replay ``days`` days; returns (and writes to ``replay/replay.json``) the rows by day."""
+def run_replay(
+    config: Config, tracker: Tracker, days: int, cold_every: int, warm_epochs: int | None = None
+) -> dict[str, Any]:
+    """Replay ``days`` days; returns (and writes to ``replay/replay.json``) the rows by day.
+    ``warm_epochs`` trains the daily update for other epochs than ``train.epochs`` (a day's
+    window is small: many epochs over it fit the day and forget the history)."""
+    train = (
+        config.train
+        if warm_epochs is None
+        else config.train.model_copy(update={"epochs": warm_epochs})
+    )
+    warm_config = config.model_copy(update={"train": train})
     run_prepare(config, None)
     data = load_prepared(config.prepared_dir)
     log = replay_log(data)
@@ -69,9 +79,8 @@ def run_replay(config: Config, tracker: Tracker, days: int, cold_every: int) -> 
             label = f"day {i + 1}/{days} ({start.date()})"
             test = sessions_starting(log, start, start + DAY)
             with step(f"replay {label}: warm update"):
-                model = train_warm_day(
-                    config, model.model, clicks_between(log, start - window, start), base_version
-                )
+                clicks = clicks_between(log, start - window, start)
+                model = train_warm_day(warm_config, model.model, clicks, base_version)
             row = _day_row(i + 1, start, log, test, model, config, "warm")
             cold = None
             if i % cold_every == 0:
@@ -93,6 +102,10 @@ def run_replay(config: Config, tracker: Tracker, days: int, cold_every: int) -> 
         plot_replay(rows, [_recall(config), metric], out / PLOT_FILE)
         parent = StepRun(tracker.client, parent_id)
         parent.metrics(summary)
+        parent.tags(
+            {"recsys.days": str(days), "recsys.cold_every": str(cold_every)}
+            | {"recsys.warm_epochs": str(train.epochs)}
+        )
         parent.artifact(out / PLOT_FILE)
         parent.artifact(out / SUMMARY_FILE)
         parent.table(rows, "replay_days.json")
