@@ -57,7 +57,8 @@ def run_clients(
             try:
                 conn.request(method, path, body, {"Content-Type": "application/json"})
                 response = conn.getresponse()
-                ok = response.status == 200 and accept(response.read())
+                payload = response.read()  # always: the keep-alive connection needs it read
+                ok = response.status == 200 and accept(payload)
             except (OSError, http.client.HTTPException):
                 ok = False
                 conn.close()

@@ -56,9 +56,7 @@ def variants(config: Config) -> list[tuple[str, Config]]:
     out = []
     for cell in cells():
         for bptt in (1, WINDOW) if cell in WINDOW_CELLS else (1,):
-            model = (
-                config.model.model_copy(update={"cell": cell}) if cell != "gru" else config.model
-            )
+            model = config.model.model_copy(update={"cell": cell})  # whatever the config's
             train = config.train.model_copy(update={"bptt": bptt, "early_stopping": None})
             name = cell if bptt == 1 else f"{cell}-bptt{bptt}"
             out.append((name, config.model_copy(update={"model": model, "train": train})))

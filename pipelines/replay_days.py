@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from pipelines.evaluate import harness_options
 from pipelines.warm import lineage
 from recsys.config import Config
 from recsys.core.errors import RecsysError
@@ -162,10 +163,8 @@ def score_day(model: TrainedModel, test: pl.DataFrame, config: Config) -> dict[s
     result = evaluate(
         GRU4RecScorer(model.network),
         events,
-        cutoffs=config.evaluation.cutoffs,
-        ties=config.evaluation.ties,
-        batch_size=config.evaluation.batch_size,
         show_progress=False,
+        **harness_options(config),
     )
     total = targets(test).height
     scale = result.predictions / total if total else 0.0

@@ -23,6 +23,7 @@ from recsys.data.schema import ITEM_IDX, TIME
 from recsys.data.splits import drop_short_sessions
 from recsys.model.artifact import ItemIndex, TrainedModel
 from recsys.serving.mlflow_store import load_model
+from recsys.training.launch import launched_world
 from recsys.training.trainer import TrainResult, train_gru4rec
 from recsys.training.warm_start import WarmStart, check_compatible, merged_ids, warm_start
 
@@ -135,6 +136,12 @@ def train_warm(
         raise RecsysError(
             "train.early_stopping with a warm start: the epoch count is chosen on a cold "
             "train_tr model; remove one of the two"
+        )
+    if config.evaluation.fusion.enabled or config.train.nproc > 1 or launched_world() is not None:
+        raise RecsysError(
+            "a warm start trains in one process and without evaluation.fusion (its rows are "
+            "fitted on a cold train_tr model): set train.nproc: 1, remove evaluation.fusion, "
+            "and start it without torchrun"
         )
     window = window_of(data.train, base, config.train.window_days, uri)
     ids, warm = prepare_warm(base, window, list(ItemIndex.from_table(data.items).ids), config, key)

@@ -179,6 +179,42 @@ def test_the_ranking_head_is_bpr_max_of_the_boosted_scores_over_the_whole_catalo
     assert readout.gate_b.grad is not None and float(readout.gate_b.grad.abs()) > 0
 
 
+def test_the_ranking_head_on_a_training_step_columns_with_repeats_and_covered_items() -> None:
+    """The trainer's columns (the in-batch targets, then samples with repeats, a sample equal to a
+    row's target and samples in its history): a column counts once per occurrence unless it is
+    the row's target or in its history, which count once, with their bonus."""
+    out, scores, history, targets = _readout_inputs(4)
+    readout = RepeatReadout(4, window=4).double()
+    with torch.no_grad():
+        readout.gate_b.fill_(0.5)
+        readout.gate_w.copy_(torch.tensor([-0.1, 0.3, 0.2, 0.4]))
+    columns = torch.cat((targets, torch.tensor([0, 0, 9, 5, 11, 4, 4])))
+    got = ranking_readout_loss(
+        readout,
+        out,
+        scores[torch.arange(3), targets],
+        (scores[:, columns], columns),
+        scores.gather(1, history.clamp_min(0)),
+        history,
+        targets,
+    )
+    expected = torch.zeros((), dtype=torch.float64)
+    for row, t in enumerate(targets.tolist()):
+        seen = [i for i in history[row].tolist() if i != NO_ITEM]
+        negative = [scores[row, c] for c in columns.tolist() if c != t and c not in seen]
+        for item in dict.fromkeys(seen):  # distinct, most recent first
+            if item != t:
+                bonus = readout.bonus(
+                    out[row : row + 1], history[row : row + 1], torch.tensor([item])
+                )
+                negative.append(scores[row, item] + bonus[0, 0])
+        r = torch.stack(negative)
+        target_bonus = readout.bonus(out[row : row + 1], history[row : row + 1], torch.tensor([t]))
+        r_t = scores[row, t] + target_bonus[0, 0]
+        expected = expected - torch.log((torch.softmax(r, 0) * torch.sigmoid(r_t - r)).sum())
+    torch.testing.assert_close(got, expected)
+
+
 def test_the_readout_loss_gradient_against_finite_differences() -> None:
     out, scores, history, targets = _readout_inputs(1)
     readout = RepeatReadout(4, window=4).double()

@@ -139,6 +139,8 @@ def _helper(
     try:
         store = dist.TCPStore("127.0.0.1", port, size, is_master=False)
         _run_rank(World(rank, size, rank, size), store, *args, options)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: rank 0 reports it, once
+        raise SystemExit(130) from None
     except Exception as exc:  # noqa: BLE001 - reported by rank 0 as one line
         kind = "error" if isinstance(exc, RecsysError) else "failure"
         Path(errors, f"rank{rank}.txt").write_text(f"{kind}\t{first_line(exc)}")

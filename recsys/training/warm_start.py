@@ -105,8 +105,9 @@ def _remap_optimizer(
         kept = per_row[:, :slots]
         fresh[new, : kept.shape[1]] = kept[old]
         rows[name] = fresh
-    acc = dict(state.get("acc", {}))
-    vel = {n: state.get("vel", {}).get(n, torch.zeros_like(a)) for n, a in acc.items()}
+    # copies: the optimiser updates them in place, and the base model's state must not change
+    acc = {n: a.clone() for n, a in state.get("acc", {}).items()}
+    vel = {n: state.get("vel", {}).get(n, torch.zeros_like(a)).clone() for n, a in acc.items()}
     return {"acc": acc, "vel": vel if momentum > 0 else {}, "rows": rows}
 
 
