@@ -17,19 +17,12 @@ import click
 
 from pipelines.cli_cells import register as register_cells_command
 from pipelines.cli_live import register as register_live_commands
+from pipelines.cli_options import config_option
 from pipelines.cli_replay import register as register_replay_command
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-CONFIG = click.option(
-    "--config",
-    "-c",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=Path("configs/default.yaml"),
-    show_default=True,
-    help="Run configuration (YAML).",
-)
+CONFIG = config_option()
 FORCE = click.option(
     "--force", is_flag=True, help="Redo the step even if its outputs are up to date."
 )

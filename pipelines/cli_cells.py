@@ -3,28 +3,18 @@ stays small); its errors are one line and exit code 1, as everywhere."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
-Guard = Callable[[Callable[..., Any]], Callable[..., Any]]
+from pipelines.cli_options import Guard, config_option
 
 
 def register(group: click.Group, guard: Guard) -> None:
     """Add ``compare-cells`` to ``group``; ``guard`` is the CLI's error decorator."""
 
     @group.command("compare-cells")
-    @click.option(
-        "--config",
-        "-c",
-        "config_path",
-        type=click.Path(path_type=Path, dir_okay=False),
-        default=Path("configs/default.yaml"),
-        show_default=True,
-        help="Run configuration (YAML): the settings every variant shares.",
-    )
+    @config_option("Run configuration (YAML): the settings every variant shares.")
     @click.option("--force", is_flag=True, help="Train and evaluate every variant again.")
     @guard
     def compare_cells(config_path: Path, force: bool) -> None:

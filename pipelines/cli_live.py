@@ -6,13 +6,11 @@ guard, so these commands report a ``RecsysError`` as one line and an exit code 1
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
-Guard = Callable[[Callable[..., Any]], Callable[..., Any]]
+from pipelines.cli_options import Guard, config_option
 
 
 def register(group: click.Group, guard: Guard) -> None:
@@ -23,15 +21,7 @@ def register(group: click.Group, guard: Guard) -> None:
 
 def _serve_live(guard: Guard) -> click.Command:
     @click.command("serve-live")
-    @click.option(
-        "--config",
-        "-c",
-        "config_path",
-        type=click.Path(path_type=Path, dir_okay=False),
-        default=Path("configs/default.yaml"),
-        show_default=True,
-        help="Serve the model registered for this config, following --alias.",
-    )
+    @config_option("Serve the model registered for this config, following --alias.")
     @click.option(
         "--model",
         "-m",

@@ -3,28 +3,18 @@ small); its errors are one line and exit code 1, as everywhere."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
-Guard = Callable[[Callable[..., Any]], Callable[..., Any]]
+from pipelines.cli_options import Guard, config_option
 
 
 def register(group: click.Group, guard: Guard) -> None:
     """Add ``replay`` to ``group``; ``guard`` is the CLI's error decorator."""
 
     @group.command("replay")
-    @click.option(
-        "--config",
-        "-c",
-        "config_path",
-        type=click.Path(path_type=Path, dir_okay=False),
-        default=Path("configs/default.yaml"),
-        show_default=True,
-        help="Run configuration (YAML); its log needs timestamps.",
-    )
+    @config_option("Run configuration (YAML); its log needs timestamps.")
     @click.option(
         "--days", type=click.IntRange(min=1), default=7, show_default=True, help="Days to replay."
     )
