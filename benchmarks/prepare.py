@@ -69,6 +69,29 @@ def synthetic_log(
     )
 
 
+def log_config(log: Path, workdir: Path, name: str, engine: str | None = None) -> Any:
+    """The run config of a ``synthetic_log`` written to ``log`` (its columns, ms timestamps,
+    the last day as test); ``engine`` sets ``data.preparation.engine`` (None: the default)."""
+    preparation: dict[str, Any] = {"test_days": 1}
+    if engine is not None:
+        preparation["engine"] = engine
+    return config_from_dict(
+        {
+            "name": name,
+            "workdir": str(workdir),
+            "data": {
+                "source": {
+                    "format": "table",
+                    "path": str(log),
+                    "columns": {"session_id": "session", "item_id": "item", "timestamp": "ts"},
+                    "timestamp_unit": "ms",
+                },
+                "preparation": preparation,
+            },
+        }
+    )
+
+
 def bench_prepare(quick: bool) -> list[dict[str, Any]]:
     """Seconds and events/s of reading + preparing a 10M-event log (1M in quick mode)."""
     n_target = 1_000_000 if quick else 10_000_000
@@ -80,21 +103,7 @@ def bench_prepare(quick: bool) -> list[dict[str, Any]]:
         frame.write_parquet(log)
         del frame
         generate_s = time.perf_counter() - t0
-        config = config_from_dict(
-            {
-                "name": "bench",
-                "workdir": str(Path(tmp) / "work"),
-                "data": {
-                    "source": {
-                        "format": "table",
-                        "path": str(log),
-                        "columns": {"session_id": "session", "item_id": "item", "timestamp": "ts"},
-                        "timestamp_unit": "ms",
-                    },
-                    "preparation": {"test_days": 1},
-                },
-            }
-        )
+        config = log_config(log, Path(tmp) / "work", "bench")
         start = time.perf_counter()
         dataset = prepare_events(read_events(config.data.source), config.data.preparation, "bench")
         seconds = time.perf_counter() - start

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from benchmarks.measure import peak_rss_mib
-from benchmarks.prepare import synthetic_log
+from benchmarks.prepare import log_config, synthetic_log
 
 PREP_EVENTS = (1_000_000, 10_000_000, 30_000_000, 100_000_000)
 MEMORY_UP_TO = 10_000_000  # the in-memory engine needs ~200 B/event: measured up to here
@@ -68,32 +68,12 @@ def write_log(path: Path, n_events: int, n_items: int = LOG_ITEMS) -> int:
     return total
 
 
-def _config(log: Path, workdir: Path, engine: str) -> Any:
-    from recsys.config import config_from_dict
-
-    return config_from_dict(
-        {
-            "name": "scale",
-            "workdir": str(workdir),
-            "data": {
-                "source": {
-                    "format": "table",
-                    "path": str(log),
-                    "columns": {"session_id": "session", "item_id": "item", "timestamp": "ts"},
-                    "timestamp_unit": "ms",
-                },
-                "preparation": {"test_days": 1, "engine": engine},
-            },
-        }
-    )
-
-
 def prepare_child(log: Path, engine: str, workdir: Path) -> dict[str, Any]:
     """One preparation as ``recsys prepare`` runs it (read, protocol, write), in this process."""
     from pipelines.prepare import prepare
 
     start = time.perf_counter()
-    stats, _ = prepare(_config(log, workdir, engine), force=True)
+    stats, _ = prepare(log_config(log, workdir, "scale", engine), force=True)
     return {
         "seconds": round(time.perf_counter() - start, 2),
         "peak_rss_mib": round(peak_rss_mib(), 1),
