@@ -6,10 +6,13 @@ They live here, not in a test module, so that no test module imports another one
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
+import pytest
 
 from pipelines.prepare import prepare
 from recsys.config import Config, TrainConfig, config_from_dict
@@ -17,7 +20,7 @@ from recsys.data.preparation import PreparedDataset, load_prepared
 from recsys.data.schema import ITEM, SESSION
 from recsys.model.artifact import ItemIndex, TrainedModel
 from recsys.serving.recommender import Recommendation
-from recsys.training.trainer import train_gru4rec
+from recsys.training.trainer import CHECKPOINT, TrainResult, train_gru4rec
 from tests.conftest import shared_path, tiny_config
 
 # --- a log a model must learn, and a training config small enough for it -------------------
@@ -100,3 +103,23 @@ def assert_same(a: Recommendation, b: Recommendation, atol: float = 0.0) -> None
     assert [i for i, s in zip(a.items, a.scores, strict=True) if s > cut] == [
         i for i, s in zip(b.items, b.scores, strict=True) if s > cut
     ]
+
+
+class Interrupt(Exception):
+    """Raised from an epoch callback: a run stopped after an epoch, as a kill would."""
+
+
+def resumed_after_interrupt(
+    train: Callable[..., TrainResult], checkpoint_dir: Path, after: int, *args: Any
+) -> TrainResult:
+    """``train(*args)`` stopped once epoch ``after`` is checkpointed, then resumed from that
+    checkpoint: what a resume test compares with an uninterrupted run."""
+
+    def stop(record: dict[str, object]) -> None:
+        if record["epoch"] == after:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(*args, checkpoint_dir=checkpoint_dir, on_epoch=stop)
+    assert (checkpoint_dir / CHECKPOINT).exists()
+    return train(*args, checkpoint_dir=checkpoint_dir, resume=True)

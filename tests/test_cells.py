@@ -30,7 +30,12 @@ from recsys.serving.live_store import output_of, replay_states, step_states
 from recsys.serving.recommender import SessionRecommender
 from recsys.training.trainer import Trainer, train_gru4rec
 from tests.conftest import QUIET, ROOT, run_cli, tiny_config, write_config
-from tests.helpers import assert_same, deterministic_log, small_train_config
+from tests.helpers import (
+    assert_same,
+    deterministic_log,
+    resumed_after_interrupt,
+    small_train_config,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # SQLAlchemy, in MLflow
 
@@ -236,10 +241,6 @@ def test_an_unknown_cell_is_one_config_error_naming_the_key(tmp_path: Path) -> N
         load_config(write_config(tmp_path / "c.yaml", raw))
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("cell", ["lstm", "rnn", "ffn"])
 def test_two_layers_with_dropouts_and_bpr_max_resume_as_an_uninterrupted_run(
     cell: str, tmp_path: Path
@@ -254,13 +255,7 @@ def test_two_layers_with_dropouts_and_bpr_max_resume_as_an_uninterrupted_run(
     cfg = small_train_config(epochs=2, momentum=0.2, loss="bpr-max")
     straight = train_gru4rec(log, 30, model_cfg, cfg).model.state_dict()
 
-    def stop_after_one(record: dict[str, object]) -> None:
-        if record["epoch"] == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_gru4rec(log, 30, model_cfg, cfg, checkpoint_dir=tmp_path, on_epoch=stop_after_one)
-    resumed = train_gru4rec(log, 30, model_cfg, cfg, checkpoint_dir=tmp_path, resume=True)
+    resumed = resumed_after_interrupt(train_gru4rec, tmp_path, 1, log, 30, model_cfg, cfg)
     assert resumed.resumed_from == 1
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in straight.items())
 

@@ -16,9 +16,8 @@ from recsys.data.batching import session_arrays
 from recsys.model.artifact import TrainedModel
 from recsys.training.distributed import session_share
 from recsys.training.launch import DUMP_ENV, train_data_parallel
-from recsys.training.trainer import CHECKPOINT
 from tests.conftest import run_cli, tiny_config, write_config
-from tests.helpers import deterministic_log, small_train_config
+from tests.helpers import deterministic_log, resumed_after_interrupt, small_train_config
 
 
 def _flat(state: dict[str, object], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -83,18 +82,8 @@ def test_two_process_resume_equals_uninterrupted_and_early_stopping_is_rank0s(
     assert all(isinstance(r["valid_metric"], float) for r in straight_run.history)
     straight = straight_run.model.state_dict()
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(record: dict[str, object]) -> None:
-        if record["epoch"] == 2:
-            raise Interrupt
-
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(Interrupt):
-        train_data_parallel(log, 30, model_cfg, cfg, checkpoint_dir=ckpt, on_epoch=stop_after_two)
-    assert (ckpt / CHECKPOINT).exists()
-    resumed = train_data_parallel(log, 30, model_cfg, cfg, checkpoint_dir=ckpt, resume=True)
+    resumed = resumed_after_interrupt(train_data_parallel, ckpt, 2, log, 30, model_cfg, cfg)
     assert resumed.resumed_from == 2 and len(resumed.history) == 3
     assert all(torch.equal(straight[k], resumed.model.state_dict()[k]) for k in straight)
     assert resumed.history[-1]["processes"] == 2

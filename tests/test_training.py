@@ -19,9 +19,9 @@ from recsys.core.errors import RecsysError
 from recsys.data.preparation import load_prepared
 from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import evaluate
-from recsys.training.trainer import CHECKPOINT, Trainer, train_gru4rec
+from recsys.training.trainer import Trainer, train_gru4rec
 from tests.conftest import run_cli, shared_path, tiny_config
-from tests.helpers import deterministic_log, small_train_config
+from tests.helpers import deterministic_log, resumed_after_interrupt, small_train_config
 
 
 @pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max", "top1-max"])
@@ -71,18 +71,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path: Path, bptt: int) 
     cfg = small_train_config(epochs=3, momentum=0.2, bptt=bptt)
     straight = train_gru4rec(log, 30, model_cfg, cfg).model.state_dict()
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(record: dict[str, object]) -> None:
-        if record["epoch"] == 2:
-            raise Interrupt
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(Interrupt):
-        train_gru4rec(log, 30, model_cfg, cfg, checkpoint_dir=ckpt, on_epoch=stop_after_two)
-    assert (ckpt / CHECKPOINT).exists()
-    resumed = train_gru4rec(log, 30, model_cfg, cfg, checkpoint_dir=ckpt, resume=True)
+    resumed = resumed_after_interrupt(train_gru4rec, tmp_path / "ckpt", 2, log, 30, model_cfg, cfg)
     assert resumed.resumed_from == 2
     assert len(resumed.history) == 3
     assert all(torch.equal(straight[k], resumed.model.state_dict()[k]) for k in straight)
