@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import scale
+from benchmarks.prepare import log_config
 from benchmarks.train import settings, train_steps
 from pipelines.prepare import prepare
 from recsys.config import load_config
@@ -118,7 +119,7 @@ def test_generated_power_law_log_with_many_items_prepares_and_trains(
     log = tmp_path / "clicks.parquet"
     n_events = scale.write_log(log, 160_000, n_items=50_000)
     assert n_events > 150_000
-    cfg = scale._config(log, tmp_path / "work", "streaming")
+    cfg = log_config(log, tmp_path / "work", "scale", "streaming")
     prep = cfg.data.preparation.model_copy(update={"min_item_support": 1})  # keep the tail
     stats = prepare_streaming(
         read_events(cfg.data.source),
