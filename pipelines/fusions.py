@@ -7,6 +7,7 @@ baseline refitted there) to pick its weight on ``valid``, then with the models o
 
 from __future__ import annotations
 
+from itertools import product
 from typing import Any
 
 from recsys.config import Config
@@ -52,17 +53,19 @@ def fusion_results(
         label = HYBRID.format(name)
         with step(f"{label}: fitting {name} on train_tr, choosing the weight on valid"):
             knn_tr = make_baseline(spec.kind, data.n_items, spec.params).fit(data.train_tr)
-            w, tried = choose_weight(
-                lambda w: HybridScorer(on_tr, knn_tr, w), data.valid, fusion.hybrid_weights, metric
+            grid = list(product(fusion.hybrid_temperatures, fusion.hybrid_weights))
+            (t, w), tried_tw = choose_weight(
+                lambda tw: HybridScorer(on_tr, knn_tr, tw[1], tw[0]), data.valid, grid, metric
             )
-        result = evaluate(HybridScorer(gru, fitted[name], w), data.test, name=label, **kwargs)
-        out.append((result, _chosen(w, tried, metric)))
+        result = evaluate(HybridScorer(gru, fitted[name], w, t), data.test, name=label, **kwargs)
+        out.append((result, _chosen((t, w), tried_tw, metric)))
     return out
 
 
-def _chosen(weight: float, tried: dict[float, float], metric: Metric) -> dict[str, Any]:
-    return {
-        "weight": weight,
-        f"valid_{metric}": round(tried[weight], 4),
-        "weights_tried": len(tried),
-    }
+def _chosen(chosen: Any, tried: dict[Any, float], metric: Metric) -> dict[str, Any]:
+    """The row's record of its choice: the weight, the hybrid's temperature, the valid score."""
+    temperature, weight = chosen if isinstance(chosen, tuple) else (None, chosen)
+    record: dict[str, Any] = {"weight": weight}
+    if temperature is not None:
+        record["temperature"] = temperature
+    return record | {f"valid_{metric}": round(tried[chosen], 4), "weights_tried": len(tried)}

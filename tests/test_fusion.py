@@ -15,8 +15,10 @@ from pipelines.prepare import run_prepare
 from pipelines.train import run_train
 from recsys.config import ModelConfig, config_from_dict
 from recsys.core.errors import RecsysError
+from recsys.core.metrics import parse_metric
 from recsys.data.preparation import load_prepared
-from recsys.evaluation.fusion import SessionBonusScorer, count_boost
+from recsys.evaluation.baselines import make_baseline
+from recsys.evaluation.fusion import HybridScorer, SessionBonusScorer, choose_weight, count_boost
 from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import evaluate
 from recsys.training.trainer import train_gru4rec
@@ -86,6 +88,11 @@ def test_fusion_rows_choose_their_weights_on_valid_only(
     [
         ({"evaluation": {"fusion": {"hybrid_baseline": "nope"}}}, "'nope' is not among"),
         (
+            {"evaluation": {"fusion": {"hybrid_baseline": "sr", "hybrid_temperatures": []}}},
+            "need one value each",
+        ),
+        ({"evaluation": {"fusion": {"hybrid_temperatures": [0.0]}}}, "greater than 0"),
+        (
             {"model": {"readout": "repeat"}, "evaluation": {"fusion": {"bonus_weights": [1.0]}}},
             "fixed session bonus is a fusion of the plain model",
         ),
@@ -96,3 +103,31 @@ def test_fusion_settings_that_cannot_run_are_refused_at_load(
 ) -> None:
     with pytest.raises(RecsysError, match=message):
         config_from_dict(tiny_config(tmp_path, **change))
+
+
+def test_the_hybrid_mixes_gru4recs_softmax_at_its_temperature_with_the_normalised_baseline() -> (
+    None
+):
+    log = deterministic_log(n_items=30, n_sessions=400)
+    gru = GRU4RecScorer(
+        train_gru4rec(log, 30, ModelConfig(layers=[16]), small_train_config()).model
+    )
+    knn = make_baseline("stan", 30, None).fit(log)
+    prefixes = [np.array([3, 5, 3]), np.array([8]), np.array([1, 2])]
+    scores, near = gru.score_next(prefixes), knn.score_next(prefixes).clamp_min(0)
+    for temperature, weight in [(1.0, 0.3), (0.2, 0.3), (0.05, 0.7)]:
+        mixed = HybridScorer(gru, knn, weight, temperature).score_next(prefixes)
+        expected = (1 - weight) * (scores / temperature).softmax(1)
+        expected += weight * near / near.sum(1, keepdim=True)
+        np.testing.assert_allclose(mixed.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
+        assert np.allclose(mixed.sum(1).numpy(), 1.0, atol=1e-5)  # still a distribution
+
+
+def test_choose_weight_over_settings_keeps_the_smallest_of_equal_ones() -> None:
+    log = deterministic_log(n_items=30, n_sessions=400)
+    gru = GRU4RecScorer(
+        train_gru4rec(log, 30, ModelConfig(layers=[16]), small_train_config()).model
+    )
+    grid = [(0.5, 0.2), (0.1, 0.9), (0.1, 0.4)]
+    best, tried = choose_weight(lambda tw: gru, log.head(300), grid, parse_metric("mrr@20"))
+    assert best == (0.1, 0.4) and list(tried) == sorted(grid)  # one scorer: all tie

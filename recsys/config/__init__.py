@@ -29,6 +29,7 @@ from recsys.config.baselines import (
     default_baselines,
 )
 from recsys.config.fields import FiniteFloat, Flag, Float, Int, MetricName, Section
+from recsys.config.fusion import FusionConfig
 from recsys.config.synthetic import SyntheticConfig
 from recsys.config.tracking import TrackingConfig
 from recsys.config.tune import TuneConfig, search_space
@@ -45,6 +46,7 @@ __all__ = [
     "DataConfig",
     "EarlyStoppingConfig",
     "EvaluationConfig",
+    "FusionConfig",
     "ItemKNNParams",
     "ModelConfig",
     "NoParams",
@@ -208,21 +210,6 @@ class TrainConfig(Section):
     window_days: Annotated[Float, Field(gt=0)] | None = None
 
 
-class FusionConfig(Section):
-    """Fusions of GRU4Rec as extra rows of the results table (recsys/evaluation/fusion.py);
-    each weight is chosen on valid (a GRU4Rec trained on train_tr) by ``registry.metric``."""
-
-    # GRU4Rec + w·log(1 + count in the session): the weights to try; empty = no such row
-    bonus_weights: list[Annotated[FiniteFloat, Field(ge=0)]] = []
-    # a late fusion with this configured baseline (e.g. stan); None = no such row
-    hybrid_baseline: str | None = None
-    hybrid_weights: list[Annotated[FiniteFloat, Field(ge=0, le=1)]] = [i / 10 for i in range(10)]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.bonus_weights) or self.hybrid_baseline is not None
-
-
 class EvaluationConfig(Section):
     cutoffs: Annotated[list[Annotated[Int, Field(ge=1)]], Field(min_length=1)] = [1, 5, 10, 20]
     ties: Literal["conservative", "standard", "median"] = "conservative"
@@ -240,8 +227,12 @@ class EvaluationConfig(Section):
                 f"fusion.hybrid_baseline {wanted!r} is not among evaluation.baselines "
                 f"({', '.join(self.baselines) or 'none configured'})"
             )
-        if self.fusion.hybrid_baseline is not None and not self.fusion.hybrid_weights:
-            raise ValueError("fusion.hybrid_weights needs at least one weight")
+        if wanted is not None and not (
+            self.fusion.hybrid_weights and self.fusion.hybrid_temperatures
+        ):
+            raise ValueError(
+                "fusion.hybrid_weights and hybrid_temperatures need one value each at least"
+            )
         return self
 
 

@@ -4,15 +4,17 @@
   prefix)``. Adding a per-row constant (GRU4Rec's log-softmax normaliser) changes no rank, so
   this is exactly "log-softmax + bonus"; it is the constant that the learned repeat readout
   (``model.readout: repeat``) must beat, and it ranks through the same certified ranker.
-- ``HybridScorer``: a late fusion with a session-kNN baseline, ``(1 - a) · softmax(GRU4Rec) +
-  a · kNN / Σ kNN`` (both rows normalised to distributions).
+- ``HybridScorer``: a late fusion with a session-kNN baseline, ``(1 - a) · softmax(GRU4Rec / T)
+  + a · kNN / Σ kNN`` (both rows normalised to distributions; the temperature T turns scores
+  that are no log-probabilities, as those of a BPR-max network, into a usable distribution).
 
-The weight of each is chosen on ``valid`` by ``choose_weight``, never on ``test``.
+The weights (and T) are chosen on ``valid`` by ``choose_weight``, never on ``test``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -24,6 +26,8 @@ from recsys.evaluation.harness import evaluate
 from recsys.evaluation.scorer import SessionScorer
 from recsys.model.gru4rec import GRU4Rec
 from recsys.ranking import Boost
+
+W = TypeVar("W", float, tuple[float, float])  # a fusion's weight, or (temperature, weight)
 
 
 def count_boost(prefixes: Sequence[np.ndarray], weight: float) -> Boost:
@@ -50,11 +54,14 @@ class SessionBonusScorer(GRU4RecScorer):
 
 
 class HybridScorer(SessionScorer):
-    """Late fusion of GRU4Rec's softmax and a kNN baseline's normalised scores."""
+    """Late fusion of GRU4Rec's softmax (at temperature ``temperature``) and a kNN baseline's
+    normalised scores."""
 
-    def __init__(self, gru: GRU4RecScorer, knn: SessionScorer, weight: float) -> None:
+    def __init__(
+        self, gru: GRU4RecScorer, knn: SessionScorer, weight: float, temperature: float = 1.0
+    ) -> None:
         super().__init__(gru.n_items)
-        self.gru, self.knn, self.weight = gru, knn, weight
+        self.gru, self.knn, self.weight, self.temperature = gru, knn, weight, temperature
 
     def score_next(self, prefixes: Sequence[np.ndarray]) -> torch.Tensor:
         return self._mix(self.gru.score_next(prefixes), self.knn.score_next(prefixes))
@@ -66,23 +73,26 @@ class HybridScorer(SessionScorer):
         knn = knn.to(torch.float32).clamp_min(0)
         total = knn.sum(1, keepdim=True)
         knn = torch.where(total > 0, knn / total.clamp_min(1e-30), 0.0)
-        return (1 - self.weight) * torch.softmax(gru, 1) + self.weight * knn
+        return (1 - self.weight) * torch.softmax(gru / self.temperature, 1) + self.weight * knn
 
 
 def choose_weight(
-    make: Callable[[float], SessionScorer],
+    make: Callable[[W], SessionScorer],
     valid: pl.DataFrame,
-    weights: Sequence[float],
+    weights: Sequence[W],
     metric: Metric,
     batch_size: int = 512,
-) -> tuple[float, dict[float, float]]:
-    """The weight whose scorer does best on ``valid`` by ``metric`` (the smaller on a tie),
-    and the metric of every weight tried."""
-    tried: dict[float, float] = {}
+) -> tuple[W, dict[W, float]]:
+    """The weight (or tuple of settings) whose scorer does best on ``valid`` by ``metric`` (the
+    smallest on a tie), and the metric of every one tried."""
+    tried: dict[W, float] = {}
     for w in sorted(weights):
         result = evaluate(
             make(w), valid, cutoffs=[metric.k], batch_size=batch_size, show_progress=False
         )
         tried[w] = result.metrics[str(metric)]
-    best = max(tried, key=lambda w: (tried[w], -w))
+    best = next(iter(tried))
+    for w, value in tried.items():  # in sorted order: only a strictly better one replaces
+        if value > tried[best]:
+            best = w
     return best, tried
