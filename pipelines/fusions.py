@@ -15,7 +15,12 @@ from recsys.core.metrics import Metric, parse_metric
 from recsys.core.progress import step
 from recsys.data.preparation import PreparedDataset
 from recsys.evaluation.baselines import make_baseline
-from recsys.evaluation.fusion import HybridScorer, SessionBonusScorer, choose_weight
+from recsys.evaluation.fusion import (
+    HybridScorer,
+    SessionBonusScorer,
+    choose_hybrid,
+    choose_weight,
+)
 from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import EvaluationResult, evaluate
 from recsys.evaluation.scorer import SessionScorer
@@ -54,9 +59,7 @@ def fusion_results(
         with step(f"{label}: fitting {name} on train_tr, choosing the weight on valid"):
             knn_tr = make_baseline(spec.kind, data.n_items, spec.params).fit(data.train_tr)
             grid = list(product(fusion.hybrid_temperatures, fusion.hybrid_weights))
-            (t, w), tried_tw = choose_weight(
-                lambda tw: HybridScorer(on_tr, knn_tr, tw[1], tw[0]), data.valid, grid, metric
-            )
+            (t, w), tried_tw = choose_hybrid(on_tr, knn_tr, data.valid, grid, metric)
         result = evaluate(HybridScorer(gru, fitted[name], w, t), data.test, name=label, **kwargs)
         out.append((result, _chosen((t, w), tried_tw, metric)))
     return out

@@ -18,7 +18,13 @@ from recsys.core.errors import RecsysError
 from recsys.core.metrics import parse_metric
 from recsys.data.preparation import load_prepared
 from recsys.evaluation.baselines import make_baseline
-from recsys.evaluation.fusion import HybridScorer, SessionBonusScorer, choose_weight, count_boost
+from recsys.evaluation.fusion import (
+    HybridScorer,
+    SessionBonusScorer,
+    choose_hybrid,
+    choose_weight,
+    count_boost,
+)
 from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import evaluate
 from recsys.training.trainer import train_gru4rec
@@ -68,13 +74,18 @@ def test_fusion_rows_choose_their_weights_on_valid_only(
     assert config.valid_model_file.is_file()  # the train_tr model the weights are chosen with
     data = load_prepared(config.prepared_dir)
     seen: list[pl.DataFrame] = []
-    original = fusions.choose_weight
+    original, original_hybrid = fusions.choose_weight, fusions.choose_hybrid
 
     def spy(make: Any, valid: pl.DataFrame, *args: Any, **kw: Any) -> Any:
         seen.append(valid)
         return original(make, valid, *args, **kw)
 
+    def spy_hybrid(gru: Any, knn: Any, valid: pl.DataFrame, *args: Any, **kw: Any) -> Any:
+        seen.append(valid)
+        return original_hybrid(gru, knn, valid, *args, **kw)
+
     monkeypatch.setattr(fusions, "choose_weight", spy)
+    monkeypatch.setattr(fusions, "choose_hybrid", spy_hybrid)
     rows = {r["model"]: r for r in run_evaluate(config, None, force=True)["rows"]}
     assert len(seen) == 2 and all(frame.equals(data.valid) for frame in seen)
     assert rows["gru4rec-bonus"]["weight"] in (0.0, 1.0)
@@ -131,3 +142,20 @@ def test_choose_weight_over_settings_keeps_the_smallest_of_equal_ones() -> None:
     grid = [(0.5, 0.2), (0.1, 0.9), (0.1, 0.4)]
     best, tried = choose_weight(lambda tw: gru, log.head(300), grid, parse_metric("mrr@20"))
     assert best == (0.1, 0.4) and list(tried) == sorted(grid)  # one scorer: all tie
+
+
+def test_the_one_pass_hybrid_grid_scores_each_setting_as_its_own_evaluation() -> None:
+    log = deterministic_log(n_items=30, n_sessions=400)
+    gru = GRU4RecScorer(
+        train_gru4rec(log, 30, ModelConfig(layers=[16]), small_train_config()).model
+    )
+    knn = make_baseline("stan", 30, None).fit(log)
+    valid, metric = log.head(600), parse_metric("mrr@5")
+    grid = [(1.0, 0.0), (0.3, 0.5), (0.1, 0.9), (1.0, 0.5)]
+    best, tried = choose_hybrid(gru, knn, valid, grid, metric, batch_size=64)
+    each, one_by_one = choose_weight(
+        lambda tw: HybridScorer(gru, knn, tw[1], tw[0]), valid, grid, metric
+    )
+    assert list(tried) == sorted(grid) and best == each
+    assert tried == pytest.approx(one_by_one, abs=1e-12)
+    assert len(set(tried.values())) > 1  # the settings do rank differently here

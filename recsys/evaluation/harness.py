@@ -163,7 +163,7 @@ def test_sessions(events: pl.DataFrame) -> tuple[list[np.ndarray], int, int]:
     return sessions, unknown, all_sessions - len(sessions)
 
 
-def _batches(sessions: list[np.ndarray], max_rows: int) -> Iterator[list[np.ndarray]]:
+def prediction_batches(sessions: list[np.ndarray], max_rows: int) -> Iterator[list[np.ndarray]]:
     """Consecutive groups of sessions with at most ``max_rows`` predictions (at least one session)."""
     batch: list[np.ndarray] = []
     rows = 0
@@ -175,6 +175,11 @@ def _batches(sessions: list[np.ndarray], max_rows: int) -> Iterator[list[np.ndar
         rows += len(s) - 1
     if batch:
         yield batch
+
+
+def batch_rows(batch_size: int, n_items: int) -> int:
+    """Predictions scored at once: ``batch_size``, fewer for large catalogues (SCORE_CELLS)."""
+    return max(1, min(batch_size, SCORE_CELLS // max(1, n_items)))
 
 
 def evaluate(
@@ -197,8 +202,7 @@ def evaluate(
     bar = Progress(total, label, unit="ev") if show_progress else None
     max_k = min(max(coverage_k, *cutoffs), model.n_items)
     with torch.inference_mode():
-        rows = max(1, min(batch_size, SCORE_CELLS // max(1, model.n_items)))
-        for batch in _batches(sessions, rows):
+        for batch in prediction_batches(sessions, batch_rows(batch_size, model.n_items)):
             ranks, top = model.rank_sessions(batch, ties, max_k, exclude_seen)
             acc.add(ranks, top, prefix_lengths(batch))
             if bar is not None:
