@@ -51,15 +51,19 @@ def build_service(model_uri: str, options: LiveOptions) -> Any:
     """Load the model (resolving an alias to its version) and wire batcher, store, follower."""
     from recsys.serving.live_app import LiveService
     from recsys.serving.live_batcher import MicroBatcher
-    from recsys.serving.live_follow import ModelFollower, alias_version, load_version
+    from recsys.serving.live_follow import (
+        ModelFollower,
+        alias_version,
+        live_recommender,
+        load_version,
+    )
     from recsys.serving.live_store import SessionStore
-    from recsys.serving.recommender import SessionRecommender
 
     store = SessionStore(options.capacity, options.ttl_seconds, options.max_clicks)
     window = options.window_ms / 1000.0
     followed = _alias(model_uri)
     if followed is None:
-        rec = SessionRecommender.load(model_uri, threads=1)
+        rec = live_recommender(model_uri)
         batcher = MicroBatcher(rec, store, window, options.max_batch, label=None)
         return LiveService(batcher, model_uri, None, options.body_limit, options.max_k)
     name, alias = followed

@@ -33,7 +33,10 @@ Boost = tuple[torch.Tensor, torch.Tensor]
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 FP32_UNIT = 2.0**-24
 FAST_MIN_ITEMS = 8192  # below this a plain fp32 product is cheap enough
-GEMV_ROWS = 2  # up to this many sessions the int8 matrix-vector pass; above, one bf16 GEMM
+# Up to this many sessions the int8 matrix-vector pass, above it one bf16 GEMM. 8: with the
+# trained Diginetica model the live service's micro-batches (mostly 2-8 rows at 250 clicks/s)
+# ran at server p50 ~10 ms against ~20 ms with 2 (docs/benchmarks.md, live service).
+GEMV_ROWS = 8
 EXTRA_GEMV = 64  # candidates rescored beyond k after the int8 pass (per-item bounds)
 EXTRA_BATCH = 28  # after the bf16 pass (one bound per row; its gather dominates evaluation)
 _INT8_LEVELS = 126  # |w / scale| <= 126 (1 + u) < 127 even after the scale is rounded to bf16

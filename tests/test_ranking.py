@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recsys.ranking import CatalogueRanker, prefix_items, rank_scores, target_ranks
+from recsys.ranking import GEMV_ROWS, CatalogueRanker, prefix_items, rank_scores, target_ranks
 
 N_ITEMS, K = 9000, 20
 SUM_ATOL = 1e-5  # fp32 sums in another order: a few ulps of scores of magnitude ~5
@@ -39,13 +39,13 @@ def full(weights: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.
     return torch.addmm(bias, out, weights.t())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 64])  # 1-2: int8 GEMV pass; 64: bf16 GEMM pass
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS, 64])  # 1-8: int8 GEMV pass; 64: bf16 GEMM
 def test_upper_bounds_hold_for_every_item(
     catalogue: tuple[torch.Tensor, torch.Tensor], rows: int
 ) -> None:
     weights, bias = catalogue
     ranker = CatalogueRanker(weights, bias)
-    assert ranker.uses_gemv(rows) == (rows <= 2)
+    assert ranker.uses_gemv(rows) == (rows <= GEMV_ROWS)
     for seed in range(5):
         out = outputs(weights, rows, seed)
         exact = full(weights, bias, out)

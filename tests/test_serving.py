@@ -21,6 +21,7 @@ from recsys.data.preparation import PreparedDataset
 from recsys.data.schema import ITEM
 from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.model.artifact import TrainedModel
+from recsys.ranking import GEMV_ROWS
 from recsys.serving.recommender import LiveSessions, Recommendation, SessionRecommender
 from tests.helpers import assert_same, real_sessions
 
@@ -156,7 +157,7 @@ def test_the_cheap_pass_bounds_every_exact_score(
     index = {item: i for i, item in enumerate(fast.item_ids)}
     prefixes = [np.array([index[i] for i in s[: t + 1]]) for s in sessions for t in range(len(s))]
     last = fast.model.last_outputs(prefixes)
-    assert fast.ranker.uses_gemv(rows) == (rows == 1)
+    assert fast.ranker.uses_gemv(rows) == (rows <= GEMV_ROWS)
     tightest = float("inf")
     for start in range(0, len(prefixes), rows):
         output = last[start : start + rows]

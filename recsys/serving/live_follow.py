@@ -46,7 +46,15 @@ def alias_version(name: str, alias: str) -> str:
 
 
 def load_version(name: str, version: str) -> SessionRecommender:
-    return SessionRecommender.load(f"models:/{name}/{version}", threads=1)
+    return live_recommender(f"models:/{name}/{version}")
+
+
+def live_recommender(uri: str) -> SessionRecommender:
+    """A model as the live service scores it: one thread, both catalogue passes built (on the
+    loading thread: in the background for a swap)."""
+    rec = SessionRecommender.load(uri, threads=1)
+    rec.prepare_batches()
+    return rec
 
 
 def in_background(work: Callable[[], Any]) -> Any:
