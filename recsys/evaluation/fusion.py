@@ -8,12 +8,14 @@
   + a · kNN / Σ kNN`` (both rows normalised to distributions; the temperature T turns scores
   that are no log-probabilities, as those of a BPR-max network, into a usable distribution).
 
-The weights (and T) are chosen on ``valid`` by ``choose_weight``, never on ``test``.
+The weights (and T) are chosen on ``valid`` by ``choose_weight`` (the hybrid's grid by
+``choose_hybrid``, in one pass), never on ``test``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import groupby
 from typing import TypeVar
 
 import numpy as np
@@ -88,7 +90,12 @@ def normalised(knn: torch.Tensor) -> torch.Tensor:
 
 def mix(gru: torch.Tensor, knn: torch.Tensor, weight: float, temperature: float) -> torch.Tensor:
     """The hybrid's scores from GRU4Rec's scores and the baseline's ``normalised`` ones."""
-    return (1 - weight) * torch.softmax(gru / temperature, 1) + weight * knn
+    return blend(torch.softmax(gru / temperature, 1), knn, weight)
+
+
+def blend(probabilities: torch.Tensor, knn: torch.Tensor, weight: float) -> torch.Tensor:
+    """``mix`` once GRU4Rec's softmax at the temperature is taken (the grid shares it)."""
+    return (1 - weight) * probabilities + weight * knn
 
 
 def choose_hybrid(
@@ -111,10 +118,13 @@ def choose_hybrid(
             scores = gru.score_sessions(batch)
             near = normalised(knn.score_sessions(batch))
             targets = next_item_targets(batch, scores.device)
-            for t, w in settings:
-                ranks = rank_scores(mix(scores, near, w, t), metric.k, targets=targets).ranks
-                assert ranks is not None
-                sums[(t, w)].add(ranks)
+            for t, group in groupby(settings, key=lambda s: s[0]):  # sorted: one softmax per T
+                probabilities = torch.softmax(scores / t, 1)
+                for _, w in group:
+                    mixed = blend(probabilities, near, w)
+                    ranks = rank_scores(mixed, metric.k, targets=targets).ranks
+                    assert ranks is not None
+                    sums[(t, w)].add(ranks)
     return _best({s: sums[s].result()[str(metric)] for s in settings})
 
 
