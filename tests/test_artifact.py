@@ -28,7 +28,8 @@ def test_save_then_load_gives_back_weights_index_and_origin(tmp_path: Path) -> N
     fingerprint = original.save(path)
     assert fingerprint == file_fingerprint(path) and len(fingerprint) == 16
     payload = torch.load(path, weights_only=True)  # nothing but tensors and plain values
-    assert payload["item_ids"][:2] == [100, 101] and payload["id_kind"] == "int"
+    assert payload["item_ids"].dtype == torch.int64 and payload["id_kind"] == "int"
+    assert payload["item_ids"][:2].tolist() == [100, 101]  # one tensor: it unpickles fast
     loaded = TrainedModel.load(path)
     original_state = original.network.state_dict()
     for name, tensor in loaded.network.state_dict().items():
@@ -37,6 +38,26 @@ def test_save_then_load_gives_back_weights_index_and_origin(tmp_path: Path) -> N
     assert (loaded.dataset, loaded.data_fingerprint) == ("shop", "f00d")
     assert loaded.network.config == original.network.config
     assert not loaded.network.training  # ready to score
+
+
+def test_a_version_1_file_with_listed_ids_loads_the_same_model(tmp_path: Path) -> None:
+    original = _trained(list(range(100, 130)), [float(i) for i in range(30)])
+    original.save(tmp_path / "v2.pt")
+    payload = torch.load(tmp_path / "v2.pt", weights_only=True)
+    payload.update(version=1, item_ids=payload["item_ids"].tolist())
+    payload["support"] = payload["support"].tolist()
+    torch.save(payload, tmp_path / "v1.pt")
+    loaded = TrainedModel.load(tmp_path / "v1.pt")
+    assert loaded.items == original.items
+    for name, tensor in loaded.network.state_dict().items():
+        assert torch.equal(tensor, original.network.state_dict()[name]), name
+
+
+def test_text_ids_are_stored_as_a_list_and_come_back_as_text(tmp_path: Path) -> None:
+    original = _trained([f"sku-{i}" for i in range(12)])
+    original.save(tmp_path / "model.pt")
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["item_ids"][0] == "sku-0"
+    assert TrainedModel.load(tmp_path / "model.pt").items == original.items
 
 
 def test_the_id_kind_is_decided_once_from_the_ids() -> None:

@@ -30,18 +30,25 @@ from recsys.model.matmul import linear
 from recsys.model.readout import RepeatReadout, recent_items
 
 
-def _uniform(
-    shape: tuple[int, int], fan_in: int, fan_out: int, gen: torch.Generator
-) -> torch.Tensor:
+def _draw(shape: tuple[int, int], fan_in: int, fan_out: int, gen: torch.Generator) -> torch.Tensor:
     """Uniform ±sqrt(6/(fan_in+fan_out)); callers draw one block per gate."""
     scale = math.sqrt(6.0 / (fan_in + fan_out))
     return (torch.rand(shape, generator=gen) * 2 - 1) * scale
 
 
+def _unset(shape: tuple[int, int], fan_in: int, fan_out: int, gen: torch.Generator) -> torch.Tensor:
+    """Storage without values, for a network whose weights are loaded next."""
+    return torch.empty(shape)
+
+
 class GRU4Rec(nn.Module):
     """Session-parallel GRU over item sequences, scoring the whole catalogue or a subset."""
 
-    def __init__(self, n_items: int, config: ModelConfig, seed: int = 42) -> None:
+    def __init__(
+        self, n_items: int, config: ModelConfig, seed: int = 42, init: bool = True
+    ) -> None:
+        """``init=False`` skips the random draws (a quarter of a second for 43k items, on the
+        live service's roll-over path) when a state dict overwrites every weight next."""
         super().__init__()
         if n_items < 1:
             raise RecsysError("GRU4Rec needs at least one item")
@@ -53,20 +60,21 @@ class GRU4Rec(nn.Module):
         self.state_sizes = [state_width(self.cell, h) for h in self.layers]  # per layer
         gates = GATES[self.cell]  # input-gate blocks; the GRU's draws are the published model's
         gen = torch.Generator().manual_seed(seed)
+        draw = _draw if init else _unset
         out_dim = self.layers[-1]
 
         # Item output vectors and biases: (n_items, H_last), (n_items,)
-        self.item_out = nn.Parameter(_uniform((n_items, out_dim), n_items, out_dim, gen))
+        self.item_out = nn.Parameter(draw((n_items, out_dim), n_items, out_dim, gen))
         self.item_bias = nn.Parameter(torch.zeros(n_items))
         if self.mode == "separate":
             dim = config.embedding_dim or self.layers[0]
-            self.item_in = nn.Parameter(_uniform((n_items, dim), n_items, dim, gen))
+            self.item_in = nn.Parameter(draw((n_items, dim), n_items, dim, gen))
             in_dim = dim
         elif self.mode == "none":
             h0 = self.layers[0]
             # One-hot input: per-item rows of the first layer's input weights, one block per gate.
             self.item_in = nn.Parameter(
-                torch.cat([_uniform((n_items, h0), n_items, h0, gen) for _ in range(gates)], 1)
+                torch.cat([draw((n_items, h0), n_items, h0, gen) for _ in range(gates)], 1)
             )
             in_dim = 0
         else:
@@ -84,12 +92,12 @@ class GRU4Rec(nn.Module):
             else:
                 self.w_ih.append(
                     nn.Parameter(
-                        torch.cat([_uniform((h, fan_in), fan_in, h, gen) for _ in range(gates)])
+                        torch.cat([draw((h, fan_in), fan_in, h, gen) for _ in range(gates)])
                     )
                 )  # (G·H, fan_in)
             hh = gates if recurrent(self.cell) else 0  # ffn: no recurrent weights
             self.w_hh.append(
-                nn.Parameter(torch.cat([_uniform((h, h), h, h, gen) for _ in range(hh)]))
+                nn.Parameter(torch.cat([draw((h, h), h, h, gen) for _ in range(hh)]))
                 if hh
                 else nn.Parameter(torch.empty(0))
             )  # (G·H, H)

@@ -24,13 +24,8 @@ import torch
 
 from recsys.core.errors import RecsysError
 from recsys.model.artifact import plain_id
-from recsys.serving.live_store import (
-    KeptSession,
-    SessionStore,
-    output_of,
-    replay_states,
-    step_states,
-)
+from recsys.serving.live_migrate import GUARD_S, SLICE_S, Migration
+from recsys.serving.live_store import SessionStore, output_of, step_states
 from recsys.serving.recommender import Recommendation, SessionRecommender
 
 
@@ -66,14 +61,8 @@ class Stateless:  # /invocations: whole sessions, as `mlflow models serve` score
 
 
 @dataclass(frozen=True)
-class Snapshot:  # the held sessions (id, session), for a replay into the next model
-    pass
-
-
-@dataclass(frozen=True)
-class Swap:
+class Migrate:  # a model roll-over: answered when every session is on the new model
     recommender: SessionRecommender
-    replayed: dict[Hashable, tuple[int, torch.Tensor | None, list[int]]]
     label: Any  # what /health reports afterwards (the version)
 
 
@@ -100,6 +89,7 @@ class MicroBatcher:
         self.batches = 0
         self.batched_ops = 0
         self.busy_s = 0.0  # time spent running batches (its rate is the worker's load)
+        self._migration: Migration | None = None  # a roll-over in progress
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="live-batcher", daemon=True)
         self._thread.start()
@@ -121,8 +111,11 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         while True:
-            first = self._queue.get()
+            first = self._next()
+            if first is None:  # the queue was empty: a slice of the roll-over ran instead
+                continue
             if first is _STOP:
+                self._abandon()
                 return
             batch = [first]
             deadline = time.perf_counter() + self.window_s
@@ -141,6 +134,45 @@ class MicroBatcher:
             began = time.perf_counter()
             self._run(batch)
             self.busy_s += time.perf_counter() - began
+            if self._migration is not None and began - self._migration.last_step > GUARD_S:
+                self._migrate(steps=1)  # saturated: the roll-over still moves on
+
+    def _next(self) -> Any:
+        """The next operation; with a roll-over in progress and nothing queued, None after
+        running a slice of it (a request arriving meanwhile waits at most one replay step)."""
+        if self._migration is None:
+            return self._queue.get()
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            self._migrate()
+            return None
+
+    def _migrate(self, steps: int = 0) -> None:
+        """Replay steps for ``SLICE_S`` (or ``steps`` of them) or until a request is queued;
+        the swap when the roll-over is done."""
+        migration = self._migration
+        assert migration is not None
+        until = time.perf_counter() + SLICE_S
+        try:
+            for n in range(1, 1_000_000):
+                if migration.advance(self.store):
+                    outcome = migration.apply(self.store)
+                    self.rec, self.label = migration.new, migration.label
+                    self.swaps += 1
+                    self._migration = None
+                    migration.future.set_result(outcome)
+                    return
+                if n == steps or time.perf_counter() >= until or not self._queue.empty():
+                    return
+        except Exception as exc:  # noqa: BLE001 - a failed roll-over keeps the old model
+            self._migration = None
+            migration.future.set_exception(exc)
+
+    def _abandon(self) -> None:
+        if self._migration is not None:
+            self._migration.future.set_exception(RecsysError("the live service stopped"))
+            self._migration = None
 
     def _run(self, batch: list[tuple[Any, Future[Any]]]) -> None:
         """In arrival order; a group of clicks/reads ends where a session comes back or another
@@ -154,7 +186,9 @@ class MicroBatcher:
                 continue
             self._settle(group)
             group, sessions = [], set()
-            if isinstance(op, Click | Read):
+            if isinstance(op, Migrate):
+                self._start_migration(op, future)
+            elif isinstance(op, Click | Read):
                 group, sessions = [(op, future)], {op.session_id}
             else:
                 self._settle([(op, future)])
@@ -178,15 +212,17 @@ class MicroBatcher:
             else:
                 future.set_result(result)
 
+    def _start_migration(self, op: Migrate, future: Future[Any]) -> None:
+        if self._migration is not None:
+            future.set_exception(RecsysError("a model roll-over is already in progress"))
+        else:
+            self._migration = Migration(op.recommender, op.label, future, self.store)
+
     def _single(self, op: Any) -> Any:
         if isinstance(op, End):
             return self.store.drop(op.session_id)
         if isinstance(op, Stateless):
             return self.rec.recommend_batch(op.sessions, op.k, op.exclude_seen)
-        if isinstance(op, Snapshot):  # a list copy: the replay reads the sessions off this thread
-            return list(self.store.items())
-        if isinstance(op, Swap):
-            return self._swap(op)
         raise RecsysError(f"unknown operation {type(op).__name__}")
 
     def _score(self, ops: Sequence[Click | Read]) -> list[Recommendation | Exception]:
@@ -205,6 +241,8 @@ class MicroBatcher:
             session = store.get_or_start(op.session_id, now)
             known, missing = rec.to_indices([op.item])
             store.keep(session, plain_id(op.item), known[0] if known else None)
+            if self._migration is not None:  # clicked after its replay: replayed again
+                self._migration.clicked.add(op.session_id)
             if known:
                 stepping.append(i)
                 items.append(known[0])
@@ -232,47 +270,3 @@ class MicroBatcher:
             else:
                 results.append(rec.popular(op.k, unknown[i]))
         return results
-
-    def _swap(self, op: Swap) -> dict[str, Any]:
-        """The new model and every session's state on it, at once: a session clicked since its
-        snapshot (or started after it) is replayed again here, from its kept ids."""
-        new = op.recommender
-        stale: list[tuple[Any, list[int]]] = []
-        for sid, session in self.store.items():
-            replayed = op.replayed.get(sid)
-            if replayed is not None and replayed[0] == session.changes:
-                session.state, session.seen = replayed[1], replayed[2]
-            else:
-                stale.append((session, new.to_indices(list(session.clicks))[0]))
-        states = replay_states(new.model, [seen for _, seen in stale])
-        for (session, seen), state in zip(stale, states, strict=True):
-            session.state, session.seen = state, seen
-        self.rec, self.label = new, op.label
-        self.swaps += 1
-        return {"replayed": len(op.replayed), "replayed_at_swap": len(stale)}
-
-
-def replay_snapshot(
-    recommender: SessionRecommender,
-    held: list[tuple[Hashable, KeptSession]],
-    done: dict[Hashable, tuple[int, torch.Tensor | None, list[int]]] | None = None,
-) -> dict[Hashable, tuple[int, torch.Tensor | None, list[int]]]:
-    """Held sessions' states on a new model, off the worker thread, before a swap; with
-    ``done`` (an earlier pass), only those clicked or started since it.
-
-    The worker keeps changing the sessions meanwhile: each one's click count is read before
-    its clicks, and the worker updates the clicks before the count, so a session read during
-    a click carries its older count and is replayed again at the swap.
-    """
-    done = done or {}
-    todo: list[tuple[Hashable, int, list[int]]] = []
-    for sid, session in held:
-        changes = session.changes
-        if sid in done and done[sid][0] == changes:
-            continue
-        todo.append((sid, changes, recommender.to_indices(list(session.clicks))[0]))
-    states = replay_states(recommender.model, [seen for _, _, seen in todo])
-    return {
-        sid: (changes, state, seen)
-        for (sid, changes, seen), state in zip(todo, states, strict=True)
-    }

@@ -1,10 +1,10 @@
 """Model roll-over for the live service: follow a registry alias, swap without dropping sessions.
 
 ``ModelFollower.check`` asks the registry which version the alias names; when it moved, the new
-version is loaded and every live session is replayed into it on the calling thread (the
-service keeps answering on the old model meanwhile), then the micro-batcher swaps model and
-states between two batches. A session clicked during the replay is replayed again at the swap,
-so none is lost or answered from a half-swapped state. Polling runs on a daemon thread.
+version is loaded on a background thread of the lowest priority (the service keeps answering
+on the old model meanwhile), then handed to the micro-batcher, which replays every live session
+into it between batches and swaps model and states at once (``recsys.serving.live_migrate``).
+No session is lost or answered from a half-swapped state. Polling runs on a daemon thread.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from recsys.core.errors import RecsysError, first_line
-from recsys.serving.live_batcher import MicroBatcher, Snapshot, Swap, replay_snapshot
+from recsys.serving.live_batcher import MicroBatcher, Migrate
 from recsys.serving.recommender import SessionRecommender
 
 
@@ -58,9 +58,9 @@ def live_recommender(uri: str) -> SessionRecommender:
 
 
 def in_background(work: Callable[[], Any]) -> Any:
-    """Run ``work`` on a thread of the lowest CPU priority and wait for it: loading and
-    replaying must not take a core from the batcher that keeps answering meanwhile (Linux
-    gives each thread its own nice value)."""
+    """Run ``work`` on a thread of the lowest CPU priority and wait for it: loading must not
+    take a core from the batcher that keeps answering meanwhile (Linux gives each thread its
+    own nice value)."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -77,6 +77,9 @@ def in_background(work: Callable[[], Any]) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+ROLLOVER_TIMEOUT_S = 3600.0  # 100,000 held sessions replay in about a minute of worker time
 
 
 class ModelFollower:
@@ -110,22 +113,14 @@ class ModelFollower:
                 latest = alias_version(self.name, self.alias)
                 if latest == self.version:
                     return {"swapped": False, "version": self.version}
-                new, replayed = in_background(lambda: self._prepare(latest))
-                done = self.batcher.call(Swap(new, replayed, latest), timeout=300)
+                new = in_background(lambda: self.loader(self.name, latest))
+                done = self.batcher.call(Migrate(new, latest), timeout=ROLLOVER_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - a failed roll-over must not stop serving
                 self.failures += 1
                 self.last_error = first_line(exc)
                 raise RecsysError(f"model roll-over failed: {self.last_error}") from None
             previous, self.version = self.version, latest
             return {"swapped": True, "version": latest, "previous": previous, **done}
-
-    def _prepare(self, version: str) -> tuple[SessionRecommender, dict[Any, Any]]:
-        """Load, replay every held session, then catch up on those clicked during that replay,
-        so that the swap itself (on the worker, between two batches) replays only a few."""
-        new = self.loader(self.name, version)
-        replayed = replay_snapshot(new, self.batcher.call(Snapshot()))
-        replayed.update(replay_snapshot(new, self.batcher.call(Snapshot()), replayed))
-        return new, replayed
 
     def start(self) -> None:
         if self.poll_seconds > 0 and self._thread is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Generator, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -154,22 +154,37 @@ def output_of(model: GRU4Rec, state: torch.Tensor) -> torch.Tensor:
     return state[-model.layers[-1] :]
 
 
-def replay_states(model: GRU4Rec, sessions: Sequence[Sequence[int]]) -> list[torch.Tensor | None]:
-    """The kept state after each session's known clicks (item indices), from a zero state;
-    None for a session with none. Sessions run in padded chunks of similar length."""
+def replay_steps(
+    model: GRU4Rec, sessions: Sequence[Sequence[int]], chunk: int = REPLAY_CHUNK
+) -> Generator[None, None, list[torch.Tensor | None]]:
+    """``replay_states`` one GRU step of one chunk at a time: it yields after each step, so a
+    caller that must keep answering (the live service's worker during a roll-over) runs a
+    step between two batches. Returns the states (the generator's value)."""
     out: list[torch.Tensor | None] = [None] * len(sessions)
     order = sorted((i for i, s in enumerate(sessions) if s), key=lambda i: len(sessions[i]))
-    with torch.inference_mode():
-        for start in range(0, len(order), REPLAY_CHUNK):
-            rows = order[start : start + REPLAY_CHUNK]
-            padded, lengths = pad_sessions([np.asarray(sessions[i], np.int64) for i in rows])
-            gates = model.input_gates(padded)  # (B, T, 3H)
-            hidden = model.init_hidden(len(rows))
-            for t in range(padded.shape[1]):
-                _, new = model.infer_step(gates[:, t], hidden)
+    for start in range(0, len(order), chunk):
+        rows = order[start : start + chunk]
+        padded, lengths = pad_sessions([np.asarray(sessions[i], np.int64) for i in rows])
+        hidden = model.init_hidden(len(rows))
+        for t in range(padded.shape[1]):
+            with torch.inference_mode():  # per step: the mode must not span a yield
+                _, new = model.infer_step(model.input_gates(padded[:, t]), hidden)
                 live = (lengths > t).unsqueeze(1)
                 hidden = [torch.where(live, n, h) for n, h in zip(new, hidden, strict=True)]
+            yield
+        with torch.inference_mode():
             states = torch.cat(hidden, 1)
             for row, i in enumerate(rows):
                 out[i] = states[row].clone()
     return out
+
+
+def replay_states(model: GRU4Rec, sessions: Sequence[Sequence[int]]) -> list[torch.Tensor | None]:
+    """The kept state after each session's known clicks (item indices), from a zero state;
+    None for a session with none. Sessions run in padded chunks of similar length."""
+    steps = replay_steps(model, sessions)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
