@@ -8,6 +8,7 @@ would hold other sessions (and uvicorn issue #3149 would add ~40 ms per keep-ali
 
 from __future__ import annotations
 
+import gc
 import socket
 import sys
 from dataclasses import dataclass
@@ -92,8 +93,14 @@ def run_live(model_uri: str, options: LiveOptions) -> None:
     where = f"http://{options.host}:{options.port}"
     follows = f", following {model_uri}" if service.follower else ""
     print(f"serving {model_uri} live on {where}{follows} (Ctrl-C stops it)", file=sys.stderr)
+    app = create_app(service)
+    # What start-up made (imports, the model, MLflow's client) lives as long as the process:
+    # frozen, the cyclic GC stops scanning it, whose ~220,000 objects made each full collection
+    # a 30-120 ms pause of every request (measured with gc.callbacks under 50 paced clients).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
-        create_app(service),
+        app,
         host=options.host,
         port=options.port,
         workers=1,
