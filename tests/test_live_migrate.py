@@ -126,3 +126,32 @@ def test_a_second_roll_over_while_one_is_in_progress_is_refused(tmp_path: Path) 
         assert batcher.label == "v2"
     finally:
         batcher.close()
+
+
+def test_a_swap_that_fails_keeps_the_old_model_and_every_old_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import recsys.serving.live_migrate as live_migrate
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("replay failed")
+
+    old, new = _model(tmp_path, [16], seed=1), _model(tmp_path, [24, 8], seed=2)
+    store: SessionStore[KeptSession] = SessionStore()
+    batcher = MicroBatcher(old, store)
+    try:
+        for s in range(2 * MIGRATE_CHUNK):  # sessions clicked on the old model
+            for t in range(3):
+                batcher.call(Click(f"s{s}", IDS[(s * 5 + t * 3) % N_ITEMS], 5, False))
+        before = {sid: (s.state.clone(), list(s.seen)) for sid, s in store.items()}
+        monkeypatch.setattr(live_migrate, "replay_states", broken)  # fails inside the swap
+        with pytest.raises(RuntimeError, match="replay failed"):
+            batcher.call(Migrate(new, "v2"), timeout=60)
+        assert batcher.rec is old and batcher.swaps == 0
+        for sid, session in store.items():
+            assert torch.equal(session.state, before[sid][0]) and session.seen == before[sid][1]
+        answer = batcher.call(Read("s1", 5, False))
+        clicks = list(store.peek("s1", store.clock()).clicks)
+        assert_same(answer, old.recommend(clicks, k=5), 1e-5)
+    finally:
+        batcher.close()

@@ -154,17 +154,17 @@ class MicroBatcher:
         migration = self._migration
         assert migration is not None
         until = time.perf_counter() + SLICE_S
+        ran = 0
         try:
-            for n in range(1, 1_000_000):
-                if migration.advance(self.store):
-                    outcome = migration.apply(self.store)
-                    self.rec, self.label = migration.new, migration.label
-                    self.swaps += 1
-                    self._migration = None
-                    migration.future.set_result(outcome)
+            while not migration.advance(self.store):
+                ran += 1
+                if ran == steps or time.perf_counter() >= until or not self._queue.empty():
                     return
-                if n == steps or time.perf_counter() >= until or not self._queue.empty():
-                    return
+            outcome = migration.apply(self.store)
+            self.rec, self.label = migration.new, migration.label
+            self.swaps += 1
+            self._migration = None
+            migration.future.set_result(outcome)
         except Exception as exc:  # noqa: BLE001 - a failed roll-over keeps the old model
             self._migration = None
             migration.future.set_exception(exc)

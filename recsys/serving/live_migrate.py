@@ -76,17 +76,18 @@ class Migration:
     def apply(self, store: SessionStore[KeptSession]) -> dict[str, Any]:
         """Every held session onto the new model at once; those changed since their replay
         (or never replayed) are replayed here."""
+        moves: list[tuple[KeptSession, torch.Tensor | None, list[int]]] = []
         stale: list[KeptSession] = []
         for sid, session in store.items():
             done = self.done.get(sid)
             if done is not None and self._current(sid, session):
-                session.state, session.seen = done[2], done[3]
+                moves.append((session, done[2], done[3]))
             else:
                 stale.append(session)
         seen = [self.new.to_indices(list(s.clicks))[0] for s in stale]
-        for session, indices, state in zip(
-            stale, seen, replay_states(self.new.model, seen), strict=True
-        ):
+        states = replay_states(self.new.model, seen)
+        moves += zip(stale, states, seen, strict=True)
+        for session, state, indices in moves:  # nothing here can fail: all sessions or none
             session.state, session.seen = state, indices
         return {"replayed": len(self.done), "replayed_at_swap": len(stale), "rounds": self.rounds}
 
