@@ -10,8 +10,7 @@ serve-live``). Now the worker, which owns the sessions, replays them itself: one
 least one step every ``GUARD_S`` under saturation, so a roll-over always ends. Sessions clicked
 after their replay are replayed again in another round; the swap itself replays the last few
 (at most ``FINAL_STALE``, or more when a round no longer halves them) and moves every session
-to the new model. Only loading the model
-stays on a background thread.
+to the new model. Only loading the model stays on a background thread.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ class Migration:
         self.rounds = 0
         self._size = 0  # sessions in the current round
         self.last_step = time.perf_counter()
-        self._work = self._replay(list(store.items()))
+        self._work = self._start(list(store.items()))
 
     def advance(self, store: SessionStore[KeptSession]) -> bool:
         """One replay step; True when what is left is few enough for the swap to replay."""
@@ -70,7 +69,7 @@ class Migration:
         stale = [(sid, s) for sid, s in held if s is not None and not self._current(sid, s)]
         if len(stale) <= FINAL_STALE or self.rounds >= MAX_ROUNDS or 2 * len(stale) > self._size:
             return True  # few left, or a round that no longer halves them: clicked too often
-        self._work = self._replay(stale)
+        self._work = self._start(stale)
         return False
 
     def apply(self, store: SessionStore[KeptSession]) -> dict[str, Any]:
@@ -97,13 +96,18 @@ class Migration:
         done = self.done.get(sid)
         return done is not None and done[0] is session and done[1] == session.changes
 
-    def _replay(self, todo: list[tuple[Hashable, KeptSession]]) -> Generator[None, None, None]:
-        """A round: the sessions in chunks of similar length, one GRU step per ``next``. Each
-        chunk's indices and click counts are read when it starts, on the worker."""
+    def _start(self, todo: list[tuple[Hashable, KeptSession]]) -> Generator[None, None, None]:
+        """A new round, counted and with ``clicked`` emptied now, when it is decided (a
+        generator's body would only run at its first step, and forget the clicks between)."""
         self.rounds += 1
         self._size = len(todo)
         self.clicked = set()
         todo.sort(key=lambda pair: len(pair[1].clicks))
+        return self._replay(todo)
+
+    def _replay(self, todo: list[tuple[Hashable, KeptSession]]) -> Generator[None, None, None]:
+        """A round's work: the sessions in chunks of similar length, one GRU step per ``next``.
+        Each chunk's indices and click counts are read when it starts, on the worker."""
         for start in range(0, len(todo), MIGRATE_CHUNK):
             part = todo[start : start + MIGRATE_CHUNK]
             counts = [s.changes for _, s in part]
