@@ -7,7 +7,7 @@ low-precision pass settles a request depends on the score structure, and random 
 flat scores that nothing could certify. Requests are the real Diginetica test sessions.
 
 Cases (each a row: latency percentiles in ms and events/s):
-(a) in-process ``recommend`` of one whole session, top-20 (certified int8 pass vs plain fp32,
+(a) in-process ``recommend`` of one whole session, top-20 (certified int4/int8 passes vs plain fp32,
     1 torch thread vs all cores);
 (b) one ``LiveSessions.click`` (one GRU step + top-20), same variants;
 (c) REST round trips to ``mlflow models serve`` (one worker, see WORKERS) from loopback clients:
@@ -118,7 +118,7 @@ def bench_library(
 
 
 def _kind(fast: bool) -> str:
-    return "certified int8 pass + fp32 check" if fast else "plain fp32 GEMV"
+    return "certified int4/int8 passes + fp32 check" if fast else "plain fp32 GEMV"
 
 
 def _certified(stats: dict[str, int]) -> str:

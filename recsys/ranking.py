@@ -6,23 +6,25 @@ already has (the baselines); ``CatalogueRanker`` ranks GRU outputs against the i
 
 Every recommendation and every evaluated event scores the session's output ``x`` against the
 whole item matrix, ``x @ W.T + b``; on a CPU that product is the cost (43k x 512 fp32 is 88 MB
-to read per session, 2.7 TFLOP for the Diginetica test split). A cheap pass gives every item an
-*upper bound* on its exact fp32 score: an int8 copy of ``W`` for one or two sessions (a
-matrix-vector product that reads a quarter of the bytes), one bf16 GEMM for batches. The
-``m`` best bounds are rescored in fp32. If the k-th best exact score beats the m-th bound, no
-other item can reach the top k, so the answer *is* the fp32 ranking (certified); a row that
-cannot be certified is scored in full fp32. Nothing here is approximate: the bounds are
-rigorous rounding-error bounds, and the tests hold the results equal to full fp32 scoring.
+to read per session). A cheap pass gives every item an *upper bound* on its exact fp32 score:
+int4 then int8 copies of ``W`` for a few sessions (an eighth or a quarter of the bytes;
+``recsys.quantized``), one bf16 GEMM for batches. The ``m`` best bounds are rescored in fp32.
+If the k-th best exact score beats the m-th bound, no other item can reach the top k, so the
+answer *is* the fp32 ranking (certified); a row that cannot be certified goes on to the next
+pass, past the last one to full fp32. Nothing here is approximate: the bounds are rigorous
+rounding-error bounds, and the tests hold the results equal to full fp32 scoring.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+
+from recsys.quantized import Bf16Pass, Int4Pass, Int8Pass, build_int4, build_int8
 
 TieMode = Literal["conservative", "standard", "median"]
 Exclusions = Sequence[Sequence[int]]  # per row: the items that may not be recommended
@@ -30,16 +32,28 @@ Exclusions = Sequence[Sequence[int]]  # per row: the items that may not be recom
 # most once per row (the repeat readout's session items, recsys.model.readout)
 Boost = tuple[torch.Tensor, torch.Tensor]
 
-BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
-FP32_UNIT = 2.0**-24
 FAST_MIN_ITEMS = 8192  # below this a plain fp32 product is cheap enough
 # Up to this many sessions the int8 matrix-vector pass, above it one bf16 GEMM. 8: with the
 # trained Diginetica model the live service's micro-batches (mostly 2-8 rows at 250 clicks/s)
 # ran at server p50 ~10 ms against ~20 ms with 2 (docs/benchmarks.md, live service).
 GEMV_ROWS = 8
 EXTRA_GEMV = 64  # candidates rescored beyond k after the int8 pass (per-item bounds)
+# int4 (half int8's bytes, looser bounds) goes first for up to INT4_ROWS rows: +64 certify 73 %
+# of real Diginetica rows, then +256 of the same candidates 97 %; the rest go on to int8. It
+# costs ~0.7 of int8 a row, so below INT4_MIN_SHARE over its first INT4_TRIAL rows it is dropped.
+INT4_ROWS, EXTRA_INT4 = 2, (64, 256)
+INT4_TRIAL, INT4_MIN_SHARE = 256, 0.8
 EXTRA_BATCH = 28  # after the bf16 pass (one bound per row; its gather dominates evaluation)
-_INT8_LEVELS = 126  # |w / scale| <= 126 (1 + u) < 127 even after the scale is rounded to bf16
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One cheap pass of the certified ranking, the candidates it rescores beyond k, and its
+    per-item upper bounds (None: the bf16 pass, one bound per row)."""
+
+    name: str
+    extra: int
+    upper: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -155,7 +169,7 @@ def rank_scores(
 
 
 class CatalogueRanker:
-    """Exact top-k of ``out @ weights.T + bias`` with a certified low-precision first pass."""
+    """Exact top-k of ``out @ weights.T + bias`` with certified low-precision passes first."""
 
     def __init__(self, weights: torch.Tensor, bias: torch.Tensor) -> None:
         self.weights = weights.detach()
@@ -165,9 +179,12 @@ class CatalogueRanker:
             self.norms = self.weights.norm(dim=1)  # (n,)
             self.max_norm = float(self.norms.max()) if self.n_items else 0.0
             self.max_bias = float(self.bias.abs().max()) if self.n_items else 0.0
-        self._int8: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._bf16: torch.Tensor | None = None
-        self._gemv_ok = True  # False once the int8 kernel failed its self-check: bf16 instead
+        self._int8: Int8Pass | None = None
+        self._int4: Int4Pass | None = None
+        self._bf16: Bf16Pass | None = None
+        self._gemv_built = False  # the int8 and int4 copies (either may fail its self-check)
+        self.tried = {"int4": 0, "int8": 0, "bf16": 0}  # rows that entered each pass
+        self.settled = {"int4": 0, "int8": 0, "bf16": 0}  # rows each pass certified
 
     # --- the cheap passes -------------------------------------------------------------------
 
@@ -176,97 +193,63 @@ class CatalogueRanker:
         if rows > GEMV_ROWS or self.weights.device.type != "cpu":
             return False
         self.prepare(gemv=True)
-        return self._gemv_ok
+        return self._int8 is not None
+
+    def tiers(self, rows: int) -> list[Tier]:
+        """The cheap passes ``rows`` sessions go through, first to last, with the candidates
+        each rescores beyond k: int4 then int8 for a click or two, int8 up to ``GEMV_ROWS``
+        rows, else bf16. A row that no tier certifies is scored in full fp32."""
+        if not self.uses_gemv(rows) or self._int8 is None:
+            return [Tier("bf16", EXTRA_BATCH, None)]
+        int8 = Tier("int8", EXTRA_GEMV, self._int8.upper)
+        if rows <= INT4_ROWS and self._int4 is not None:
+            int4 = [Tier("int4", extra, self._int4.upper) for extra in EXTRA_INT4]
+            return [*int4, int8]
+        return [int8]
 
     def prepare(self, gemv: bool = True) -> None:
-        """Build the low-precision copy now (so that the first request does not pay for it)."""
+        """Build the low-precision copies now (so that the first request does not pay for them)."""
         with torch.no_grad():
-            if gemv and self._int8 is None and self._gemv_ok:
-                amax = self.weights.abs().amax(1)
-                scale16 = torch.where(amax > 0, amax / _INT8_LEVELS, 1.0).bfloat16()
-                scale = scale16.float()
-                q = torch.round(self.weights / scale.unsqueeze(1)).to(torch.int8)
-                # torch 2.13's kernel reads garbage (even segfaults) unless the inner dimension
-                # is a multiple of 16 (measured): pad with zero columns, which change no score.
-                q = torch.nn.functional.pad(q, (0, _padded(self.dim) - self.dim)).contiguous()
-                self._int8 = (q, scale16, scale)
-                self._gemv_ok = self._int8_kernel_agrees()
-                if not self._gemv_ok:
-                    self._int8 = None
+            if gemv and not self._gemv_built:
+                self._int8 = build_int8(self.weights, self.bias, self.norms)
+                if self._int8 is not None:  # int4 only ever in front of int8
+                    self._int4 = build_int4(self.weights, self.bias, self.norms)
+                self._gemv_built = True
             if not gemv and self._bf16 is None:
-                # [w_j, b_j] per item, so the bias rides along in the same GEMM: (n, H + 1)
-                self._bf16 = torch.cat((self.weights, self.bias.unsqueeze(1)), 1).bfloat16()
+                self._bf16 = Bf16Pass(self.weights, self.bias, self.max_norm, self.max_bias)
 
-    def upper_bounds(self, out: torch.Tensor) -> torch.Tensor:
-        """(M, n) upper bounds on every item's exact fp32 score, from the pass that M rows use.
-
-        int8 pass, item j: ``w_j = s_j q_j + d_j`` with ``|d_jk| <= s_j / 2``, so
-        ``|x.d_j| <= s_j ||x||_1 / 2``; rounding ``x`` to bf16, the dequantised weights and the
-        output each cost at most ``u ||x|| ||w_j||`` (u = 2^-8, Cauchy-Schwarz), counted four
-        times for slack; fp32 sums (ours and the reference's) add ``2 H 2^-24 ||x|| ||w_j||``.
-        bf16 pass: inputs rounded (2u + u^2) and output rounded (u) give
-        ``(3.02 u + 2 (H + 1) 2^-24) (||x|| max||w|| + max|b|)`` for every item of the row.
-        """
+    def upper_bounds(self, out: torch.Tensor, tier: int = 0) -> torch.Tensor:
+        """(M, n) upper bounds on every item's exact fp32 score from the ``tier``-th pass that M
+        rows use (``recsys.quantized`` derives each pass's bounds)."""
         with torch.inference_mode():
-            if self.uses_gemv(len(out)):
-                return self._int8_upper(out)
-            approx = self._bf16_scores(out).float()
-            return approx + self._bf16_slack(out).unsqueeze(1)
+            upper = self.tiers(len(out))[tier].upper
+            if upper is not None:
+                return upper(out)
+            self.prepare(gemv=False)
+            return self._bf16.upper(out)  # type: ignore[union-attr]
 
-    def _int8_product(self, out: torch.Tensor) -> torch.Tensor:
-        """The int8 pass itself: (M, n) bf16 approximations of ``out @ weights.T``."""
-        assert self._int8 is not None
-        q, scale16, _ = self._int8
-        padded = torch.nn.functional.pad(out, (0, q.shape[1] - self.dim))
-        return torch.ops.aten._weight_int8pack_mm(padded.bfloat16(), q, scale16)
-
-    def _int8_kernel_agrees(self) -> bool:
-        """The kernel against the same arithmetic in fp32 on a fixed probe: a kernel that
-        misbehaves on these shapes must not feed the bounds (that would break exactness)."""
-        assert self._int8 is not None
-        q, _, scale = self._int8
-        probe = torch.linspace(-1.0, 1.0, self.dim, device=self.weights.device).unsqueeze(0)
-        got = self._int8_product(probe).float()
-        expected = probe.bfloat16().float() @ (q[:, : self.dim].float() * scale.unsqueeze(1)).t()
-        tolerance = 4 * BF16_UNIT * float(probe.norm()) * self.max_norm + 1e-6
-        return bool(torch.isfinite(got).all()) and float((got - expected).abs().max()) <= tolerance
-
-    def _int8_upper(self, out: torch.Tensor) -> torch.Tensor:
-        """(M, n) int8-pass upper bounds, in a handful of in-place ops (this is a click's path)."""
-        self.prepare(gemv=True)
-        scale = self._int8[2]  # type: ignore[index]
-        approx = self._int8_product(out).float()
-        approx.add_(self.bias)
-        rel = 4.1 * BF16_UNIT + 2 * self.dim * FP32_UNIT
-        for i in range(len(out)):  # a row or two: per-row scalars beat (M, n) broadcasts
-            l1, l2 = float(out[i].abs().sum()), float(out[i].norm())
-            absolute = 4 * FP32_UNIT * (l2 * self.max_norm + self.max_bias)  # the fp32 bias add
-            approx[i].add_(scale, alpha=0.5 * l1).add_(self.norms, alpha=rel * l2).add_(absolute)
-        return approx
-
-    def _bf16_scores(self, out: torch.Tensor) -> torch.Tensor:
-        self.prepare(gemv=False)
-        assert self._bf16 is not None
-        ones = torch.ones(len(out), 1, dtype=out.dtype, device=out.device)
-        return torch.mm(torch.cat((out, ones), 1).bfloat16(), self._bf16.t())  # (M, n) bf16
-
-    def _bf16_slack(self, out: torch.Tensor) -> torch.Tensor:
-        rel = 3.02 * BF16_UNIT + 2 * (self.dim + 1) * FP32_UNIT
-        return rel * (out.norm(dim=1) * self.max_norm + self.max_bias)  # (M,)
+    def _count(self, tier: str, tried: int, settled: int) -> None:
+        self.tried[tier] += tried
+        self.settled[tier] += settled
+        tried, settled = self.tried[tier], self.settled[tier]
+        if tier == "int4" and tried >= INT4_TRIAL and settled < INT4_MIN_SHARE * tried:
+            self._int4 = None  # it costs more than it saves on this catalogue
 
     def _candidates(
-        self, out: torch.Tensor, m: int, exclude: Exclusions | None
+        self, tier: Tier, out: torch.Tensor, m: int, exclude: Exclusions | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The m items with the best upper bounds per row: (bounds (M, m) fp32, items (M, m))."""
-        if self.uses_gemv(len(out)):
-            upper = self._int8_upper(out)
+        if tier.upper is not None:
+            upper = tier.upper(out)
             mask_items(upper, exclude)
             return torch.topk(upper, m, dim=1)
         # One bound per row: the best bounds are the best approximate scores (no (M, n) sum).
-        approx = self._bf16_scores(out)
+        self.prepare(gemv=False)
+        assert self._bf16 is not None
+        approx = self._bf16.product(out)
         mask_items(approx, exclude)
         values, cand = torch.topk(approx, m, dim=1)
-        return values.float() + self._bf16_slack(out).unsqueeze(1), cand
+        return values.float() + self._bf16.slack(out).unsqueeze(1), cand
 
     # --- the exact answer -------------------------------------------------------------------
 
@@ -302,8 +285,7 @@ class CatalogueRanker:
             # product is cheap, and cuBLAS may reduce bf16 products in reduced precision, which
             # the bounds below do not cover: the fast pass is for CPUs only.
             if not fast or self.weights.device.type != "cpu":
-                return self._full_top_k(out, k, exclude, targets, ties, boost)
-            m = min(k + (EXTRA_GEMV if self.uses_gemv(len(out)) else EXTRA_BATCH), self.n_items)
+                return rank_scores(self.full_scores(out), k, exclude, targets, ties, boost)
             cheap_exclude = exclude
             if boost is not None:  # boosted items skip the cheap pass: candidates by right
                 forced = [[j for j in row if j >= 0] for row in boost[0].tolist()]
@@ -313,74 +295,95 @@ class CatalogueRanker:
             most_excluded = (
                 max((len(set(e)) for e in cheap_exclude), default=0) if cheap_exclude else 0
             )
-            if m >= self.n_items - most_excluded:
-                return self._full_top_k(out, k, exclude, targets, ties, boost)
-            upper, cand = self._candidates(out, m, cheap_exclude)
-            if boost is not None:
-                cand = torch.cat((cand, boost[0].clamp_min(0)), 1)  # (M, m + L)
-            idx = cand if targets is None else torch.cat((cand, targets.view(-1, 1)), 1)
-            exact = torch.bmm(self.weights[idx], out.unsqueeze(2)).squeeze(2) + self.bias[idx]
-            cand_exact = exact[:, : cand.shape[1]]
-            if boost is not None:
-                items_b, values_b = boost
-                cand_exact[:, m:] += values_b
-                cand_exact[:, m:].masked_fill_(items_b < 0, float("-inf"))
-                mask_items_at(cand_exact, cand, m, exclude)
-            values, pos = torch.topk(cand_exact, k, dim=1)
-            items = cand.gather(1, pos)
-            # Every item outside the candidates scores at most the m-th bound.
-            certified = values[:, k - 1] > upper[:, m - 1]
-            ranks = None
-            if targets is not None:
-                is_target = cand == targets.view(-1, 1)
-                if boost is not None:  # a padding column is no candidate, whatever its index
-                    is_target[:, m:] &= boost[0] >= 0
-                # A target among the candidates takes its candidate score: the same item in
-                # another column of the product may be summed in another order (a kernel's tail).
-                first = is_target.to(torch.int8).argmax(1, keepdim=True)
-                target_score = torch.where(
-                    is_target.any(1, keepdim=True), cand_exact.gather(1, first), exact[:, -1:]
-                )
-                if exclude:  # an excluded target cannot be recommended: a miss, as in full scoring
-                    excluded = torch.tensor(
-                        [int(t) in set(e) for t, e in zip(targets.tolist(), exclude, strict=True)],
-                        device=out.device,
-                    )
-                    target_score = target_score.masked_fill(excluded.unsqueeze(1), float("-inf"))
-                others = cand_exact.masked_fill(is_target, float("-inf"))
-                above = (others > target_score).sum(1)
-                at_least = (others >= target_score).sum(1) + 1  # + the target itself
-                ranks = rank_from_counts(ties, above, at_least)
-                inside = target_score.squeeze(1) >= values[:, k - 1]
-                ranks = torch.where(inside, ranks, torch.full_like(ranks, k + 1))
-                # A certified target inside the top k must be a candidate; if rounding ever
-                # broke the bound, the row is rescored in full rather than trusted.
-                certified &= ~(inside & ~is_target.any(1))
-            rows = torch.nonzero(~certified).flatten()
-            if len(rows):
-                sub = [exclude[i] for i in rows.tolist()] if exclude else None
-                sub_targets = None if targets is None else targets[rows]
-                sub_boost = None if boost is None else (boost[0][rows], boost[1][rows])
-                full = self._full_top_k(out[rows], k, sub, sub_targets, ties, sub_boost)
-                items[rows], values[rows] = full.items, full.scores
-                if ranks is not None and full.ranks is not None:
-                    ranks[rows] = full.ranks
-            return TopK(items, values, ranks, len(out) - len(rows))
+            tiers = [t for t in self.tiers(len(out)) if k + t.extra < self.n_items - most_excluded]
+            if not tiers:
+                return rank_scores(self.full_scores(out), k, exclude, targets, ties, boost)
+            return self._certified_top_k(
+                out, k, exclude, cheap_exclude, targets, ties, boost, tiers
+            )
 
-    def _full_top_k(
+    def _certified_top_k(
         self,
         out: torch.Tensor,
         k: int,
         exclude: Exclusions | None,
+        cheap_exclude: Exclusions | None,
         targets: torch.Tensor | None,
         ties: str,
-        boost: Boost | None = None,
+        boost: Boost | None,
+        tiers: list[Tier],
+        found: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> TopK:
-        return rank_scores(self.full_scores(out), k, exclude, targets, ties, boost)
-
-
-def _padded(dim: int) -> int:
-    return -(-dim // 64) * 64
+        """The first tier's candidates rescored in fp32; the rows it cannot certify go on to
+        the next tier, and past the last one to full fp32 scoring. Consecutive tiers of one
+        pass share its bounds (``found``): the next rescores more of the same candidates."""
+        tier, m = tiers[0], k + tiers[0].extra
+        fresh = found is None  # the pass's first stage: its rows are counted as tried
+        if found is None:
+            widest = max(t.extra for t in tiers if t.name == tier.name)
+            found = self._candidates(tier, out, k + widest, cheap_exclude)
+        upper, cand = found[0][:, :m], found[1][:, :m]
+        if boost is not None:
+            cand = torch.cat((cand, boost[0].clamp_min(0)), 1)  # (M, m + L)
+        idx = cand if targets is None else torch.cat((cand, targets.view(-1, 1)), 1)
+        exact = torch.bmm(self.weights[idx], out.unsqueeze(2)).squeeze(2) + self.bias[idx]
+        cand_exact = exact[:, : cand.shape[1]]
+        if boost is not None:
+            items_b, values_b = boost
+            cand_exact[:, m:] += values_b
+            cand_exact[:, m:].masked_fill_(items_b < 0, float("-inf"))
+            mask_items_at(cand_exact, cand, m, exclude)
+        values, pos = torch.topk(cand_exact, k, dim=1)
+        items = cand.gather(1, pos)
+        # Every item outside the candidates scores at most the m-th bound.
+        certified = values[:, k - 1] > upper[:, m - 1]
+        ranks = None
+        if targets is not None:
+            is_target = cand == targets.view(-1, 1)
+            if boost is not None:  # a padding column is no candidate, whatever its index
+                is_target[:, m:] &= boost[0] >= 0
+            # A target among the candidates takes its candidate score: the same item in
+            # another column of the product may be summed in another order (a kernel's tail).
+            first = is_target.to(torch.int8).argmax(1, keepdim=True)
+            target_score = torch.where(
+                is_target.any(1, keepdim=True), cand_exact.gather(1, first), exact[:, -1:]
+            )
+            if exclude:  # an excluded target cannot be recommended: a miss, as in full scoring
+                excluded = torch.tensor(
+                    [int(t) in set(e) for t, e in zip(targets.tolist(), exclude, strict=True)],
+                    device=out.device,
+                )
+                target_score = target_score.masked_fill(excluded.unsqueeze(1), float("-inf"))
+            others = cand_exact.masked_fill(is_target, float("-inf"))
+            above = (others > target_score).sum(1)
+            at_least = (others >= target_score).sum(1) + 1  # + the target itself
+            ranks = rank_from_counts(ties, above, at_least)
+            inside = target_score.squeeze(1) >= values[:, k - 1]
+            ranks = torch.where(inside, ranks, torch.full_like(ranks, k + 1))
+            # A certified target inside the top k must be a candidate; if rounding ever
+            # broke the bound, the row is rescored in full rather than trusted.
+            certified &= ~(inside & ~is_target.any(1))
+        rows = torch.nonzero(~certified).flatten()
+        self._count(tier.name, len(out) if fresh else 0, len(out) - len(rows))
+        if not len(rows):
+            return TopK(items, values, ranks, len(out))
+        picked = rows.tolist()
+        sub = [exclude[i] for i in picked] if exclude else None
+        sub_targets = None if targets is None else targets[rows]
+        sub_boost = None if boost is None else (boost[0][rows], boost[1][rows])
+        if len(tiers) > 1:
+            sub_cheap = [cheap_exclude[i] for i in picked] if cheap_exclude else None
+            same = tiers[1].name == tier.name
+            sub_found = (found[0][rows], found[1][rows]) if same else None
+            rest = self._certified_top_k(
+                out[rows], k, sub, sub_cheap, sub_targets, ties, sub_boost, tiers[1:], sub_found
+            )
+        else:
+            rest = rank_scores(self.full_scores(out[rows]), k, sub, sub_targets, ties, sub_boost)
+        items[rows], values[rows] = rest.items, rest.scores
+        if ranks is not None and rest.ranks is not None:
+            ranks[rows] = rest.ranks
+        return TopK(items, values, ranks, len(out) - len(rows) + rest.certified)
 
 
 def ranker_for(weights: torch.Tensor, bias: torch.Tensor, owner: object) -> CatalogueRanker:

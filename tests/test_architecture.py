@@ -21,6 +21,7 @@ LAYERS = (
     "recsys.core",
     "recsys.config",
     "recsys.data",
+    "recsys.quantized",
     "recsys.ranking",
     "recsys.model",
     "recsys.training",

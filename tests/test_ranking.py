@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recsys.ranking import GEMV_ROWS, CatalogueRanker, prefix_items, rank_scores, target_ranks
+from recsys.ranking import (
+    GEMV_ROWS,
+    INT4_TRIAL,
+    CatalogueRanker,
+    prefix_items,
+    rank_scores,
+    target_ranks,
+)
 
 N_ITEMS, K = 9000, 20
 SUM_ATOL = 1e-5  # fp32 sums in another order: a few ulps of scores of magnitude ~5
@@ -39,20 +46,61 @@ def full(weights: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> torch.
     return torch.addmm(bias, out, weights.t())
 
 
-@pytest.mark.parametrize("rows", [1, GEMV_ROWS, 64])  # 1-8: int8 GEMV pass; 64: bf16 GEMM
+# (rows, pass): one click goes through int4 then int8, up to GEMV_ROWS rows int8, more bf16
+PASSES = [(1, "int4"), (1, "int8"), (GEMV_ROWS, "int8"), (64, "bf16")]
+
+
+@pytest.mark.parametrize(("rows", "tier"), PASSES)
 def test_upper_bounds_hold_for_every_item(
-    catalogue: tuple[torch.Tensor, torch.Tensor], rows: int
+    catalogue: tuple[torch.Tensor, torch.Tensor], rows: int, tier: str
 ) -> None:
     weights, bias = catalogue
     ranker = CatalogueRanker(weights, bias)
     assert ranker.uses_gemv(rows) == (rows <= GEMV_ROWS)
+    names = [t.name for t in ranker.tiers(rows)]
+    assert tier in names
     for seed in range(5):
         out = outputs(weights, rows, seed)
         exact = full(weights, bias, out)
-        upper = ranker.upper_bounds(out)
+        upper = ranker.upper_bounds(out, names.index(tier))
         assert bool((upper >= exact).all())
-        # tight enough to be useful: well inside the spread of the scores
-        assert float((upper - exact).max()) < 0.5 * float(exact.std())
+        slack = upper - exact
+        if tier == "int4":  # a scale per 64 weights: looser, well under knowing nothing
+            trivial = out.norm(dim=1, keepdim=True) * ranker.max_norm + ranker.max_bias
+            assert float((slack / trivial).median()) < 0.25
+        else:  # tight enough to be useful: well inside the spread of the scores
+            assert float(slack.max()) < 0.5 * float(exact.std())
+
+
+def test_single_clicks_are_settled_by_the_int4_pass_with_the_fp32_answer(
+    catalogue: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    weights, bias = catalogue
+    ranker = CatalogueRanker(weights, bias)
+    out = outputs(weights, 100, seed=31)
+    scores = full(weights, bias, out)
+    for i in range(100):
+        got = ranker.top_k(out[i : i + 1], K)
+        assert got.certified == 1
+        top_values = torch.topk(scores[i], K).values
+        torch.testing.assert_close(got.scores[0], top_values, rtol=0, atol=SUM_ATOL)
+        torch.testing.assert_close(scores[i, got.items[0]], top_values, rtol=0, atol=SUM_ATOL)
+    assert ranker.tried["int4"] == 100 and ranker.settled["int4"] >= 90
+    assert ranker.tried["int8"] == 100 - ranker.settled["int4"]  # the rest went on to int8
+
+
+def test_an_int4_pass_that_rarely_certifies_is_dropped(
+    catalogue: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    weights, _ = catalogue
+    same = weights[:1].expand(N_ITEMS, weights.shape[1]).contiguous()  # every item ties
+    ranker = CatalogueRanker(same, torch.zeros(N_ITEMS))
+    assert [t.name for t in ranker.tiers(1)] == ["int4", "int4", "int8"]  # +64, then +256
+    out = outputs(weights, 1, seed=5)
+    for _ in range(INT4_TRIAL):
+        assert ranker.top_k(out, K).certified == 0  # nothing certifies: full fp32 each time
+    assert [t.name for t in ranker.tiers(1)] == ["int8"]  # int4 only cost time here
+    assert ranker.tried["int4"] == INT4_TRIAL and ranker.settled["int4"] == 0
 
 
 @pytest.mark.parametrize("rows", [1, 64])

@@ -1,0 +1,200 @@
+"""Low-bit copies of the item matrix and rigorous upper bounds on every item's fp32 score.
+
+``recsys.ranking`` ranks a session's output ``x`` against the whole catalogue; on a CPU that
+product is memory-bound, so reading fewer bytes is what makes it fast. A pass here reads a
+quantised copy of ``W`` through one of torch's weight-only kernels and returns, for every
+item, a number that is *provably* at least the item's exact fp32 score ``x . w_j + b_j``. The
+ranker rescores the best bounds in fp32 and certifies the answer (or falls back), so nothing
+is approximate. For one or a few sessions at a time (a live click):
+
+- ``Int8Pass``: one scale per item, 22 MB for 43k x 512; its bounds certify every real row.
+- ``Int4Pass``: a scale and zero per group of 64 weights, 12 MB; looser bounds, so the ranker
+  uses it as a first tier with more candidates and sends the rows it cannot certify on to int8.
+
+For batches, ``Bf16Pass``: one bf16 GEMM with a single bound per row. Each weight-only kernel is
+checked against the same arithmetic in fp32 on a probe when its copy is built; a kernel that
+disagrees disables its pass (a wrong kernel must never feed the bounds).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+FP32_UNIT = 2.0**-24
+_INT8_LEVELS = 126  # |w / scale| <= 126 (1 + u) < 127 even after the scale is rounded to bf16
+INT4_GROUP = 64  # weights per int4 scale and zero (32: tighter bounds, 12 % more bytes)
+_ROUND_UP = 1 + 2.0**-16  # inflates a bound computed in fp32 past its own rounding
+
+
+def pad_to(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+class Int8Pass:
+    """Per-item symmetric int8 weights: ``w_j ~ s_j q_j`` with ``s_j`` a bf16 scale.
+
+    Bound, item j: ``w_j = s_j q_j + d_j`` with ``|d_jk| <= s_j / 2``, so
+    ``|x.d_j| <= s_j ||x||_1 / 2``; rounding ``x`` to bf16, the dequantised weights and the
+    output each cost at most ``u ||x|| ||w_j||`` (u = 2^-8, Cauchy-Schwarz), counted four times
+    for slack; fp32 sums (ours and the reference's) add ``2 H 2^-24 ||x|| ||w_j||``.
+    """
+
+    def __init__(self, weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> None:
+        self.dim = weights.shape[1]
+        self.bias, self.norms = bias, norms
+        self.max_norm = float(norms.max()) if len(norms) else 0.0
+        self.max_bias = float(bias.abs().max()) if len(bias) else 0.0
+        amax = weights.abs().amax(1)
+        self.scale16 = torch.where(amax > 0, amax / _INT8_LEVELS, 1.0).bfloat16()
+        self.scale = self.scale16.float()
+        q = torch.round(weights / self.scale.unsqueeze(1)).to(torch.int8)
+        # torch 2.13's kernel reads garbage (even segfaults) unless the inner dimension is a
+        # multiple of 16 (measured): pad with zero columns, which change no score.
+        self.q = torch.nn.functional.pad(q, (0, pad_to(self.dim, 64) - self.dim)).contiguous()
+        self.ok = self._kernel_agrees(weights)
+
+    def product(self, out: torch.Tensor) -> torch.Tensor:
+        """The kernel itself: (M, n) bf16 approximations of ``out @ weights.T``."""
+        padded = torch.nn.functional.pad(out, (0, self.q.shape[1] - self.dim))
+        return torch.ops.aten._weight_int8pack_mm(padded.bfloat16(), self.q, self.scale16)
+
+    def _kernel_agrees(self, weights: torch.Tensor) -> bool:
+        probe = torch.linspace(-1.0, 1.0, self.dim, device=weights.device).unsqueeze(0)
+        got = self.product(probe).float()
+        dequantised = self.q[:, : self.dim].float() * self.scale.unsqueeze(1)
+        expected = probe.bfloat16().float() @ dequantised.t()
+        tolerance = 4 * BF16_UNIT * float(probe.norm()) * self.max_norm + 1e-6
+        return bool(torch.isfinite(got).all()) and float((got - expected).abs().max()) <= tolerance
+
+    def upper(self, out: torch.Tensor) -> torch.Tensor:
+        """(M, n) upper bounds, in a handful of in-place ops (this is a click's path)."""
+        approx = self.product(out).float()
+        approx.add_(self.bias)
+        rel = 4.1 * BF16_UNIT + 2 * self.dim * FP32_UNIT
+        for i in range(len(out)):  # a row or two: per-row scalars beat (M, n) broadcasts
+            l1, l2 = float(out[i].abs().sum()), float(out[i].norm())
+            absolute = 4 * FP32_UNIT * (l2 * self.max_norm + self.max_bias)  # the fp32 bias add
+            approx[i].add_(self.scale, alpha=0.5 * l1).add_(self.norms, alpha=rel * l2)
+            approx[i].add_(absolute)
+        return approx
+
+
+class Int4Pass:
+    """Asymmetric int4 weights in groups of ``INT4_GROUP``: ``D_jk = (q_jk - 8) s_jg + z_jg``
+    with bf16 ``s`` and ``z``, which is what torch's CPU int4 kernel dequantises.
+
+    Bound, item j, group g (the dequantised row ``D_j`` is known exactly here):
+    - quantisation: ``|x.(w_j - D_j)| <= sum_g ||x_g||_1 e_jg``, ``e_jg`` the group's largest
+      ``|w - D|``, measured;
+    - the kernel rounds ``x`` and its output to bf16 (and may round ``D_j``): each at most
+      ``u ||x|| ||D_j||`` (Cauchy-Schwarz), counted four times for slack, as for int8;
+    - its fp32 sums, in whatever order it factors them: at most ``(H + 2G + 4) 2^-24`` times
+      ``sum_g ||x_g||_1 (8 s_jg + |z_jg|)``, as every term is at most that in magnitude;
+    - the reference's fp32 sums and bias add, as for int8.
+    The group terms are one (M, G) x (G, n) product per batch.
+    """
+
+    def __init__(self, weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> None:
+        n, self.dim = weights.shape
+        self.n_items, self.bias, self.norms = n, bias, norms
+        self.max_norm = float(norms.max()) if n else 0.0
+        self.max_bias = float(bias.abs().max()) if n else 0.0
+        self.padded_dim = pad_to(self.dim, INT4_GROUP)
+        rows = pad_to(n, 16)  # the kernel's tile of output columns
+        w = torch.nn.functional.pad(weights, (0, self.padded_dim - self.dim, 0, rows - n))
+        groups = w.view(rows, self.padded_dim // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(2), groups.amax(2)
+        scale = ((high - low) / 15).clamp_min(2.0**-100).bfloat16().float()
+        zero = (low + 8 * scale).bfloat16().float()
+        q = torch.round((groups - zero.unsqueeze(2)) / scale.unsqueeze(2) + 8).clamp(0, 15)
+        dequantised = (q - 8) * scale.unsqueeze(2) + zero.unsqueeze(2)
+        err = (groups - dequantised).abs().amax(2)  # (rows, G)
+        sums = (self.padded_dim + 2 * groups.shape[1] + 4) * FP32_UNIT
+        slack = (err + sums * (8 * scale + zero.abs())) * _ROUND_UP
+        self.group_slack = slack[:n].t().contiguous()  # (G, n)
+        self.d_norms = dequantised[:n].reshape(n, -1).norm(dim=1) * _ROUND_UP  # (n,)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).view(rows, self.padded_dim), 1
+        )
+        # (G, rows, 2): [scale, zero] per group and item, the kernel's layout
+        self.scale_zero = torch.stack((scale, zero), 2).transpose(0, 1).contiguous().bfloat16()
+        self.ok = self._kernel_agrees(dequantised.view(rows, self.padded_dim))
+
+    def product(self, out: torch.Tensor) -> torch.Tensor:
+        """The kernel itself: (M, n) bf16 approximations of ``out @ weights.T``."""
+        padded = torch.nn.functional.pad(out, (0, self.padded_dim - self.dim)).bfloat16()
+        result = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            padded, self.packed, INT4_GROUP, self.scale_zero
+        )
+        return result[:, : self.n_items]
+
+    def _kernel_agrees(self, dequantised: torch.Tensor) -> bool:
+        probe = torch.linspace(-1.0, 1.0, self.padded_dim, device=dequantised.device)
+        probe[self.dim :] = 0.0
+        got = self.product(probe[: self.dim].unsqueeze(0)).float()
+        expected = probe.bfloat16().float().unsqueeze(0) @ dequantised[: self.n_items].t()
+        bound = float(probe.norm()) * float(self.d_norms.max())
+        tolerance = 4 * BF16_UNIT * bound + 1e-6
+        return bool(torch.isfinite(got).all()) and float((got - expected).abs().max()) <= tolerance
+
+    def upper(self, out: torch.Tensor) -> torch.Tensor:
+        """(M, n) upper bounds: the kernel's scores plus the slack above."""
+        approx = self.product(out).float()
+        padded = torch.nn.functional.pad(out.abs(), (0, self.padded_dim - self.dim))
+        l1 = padded.view(len(out), -1, INT4_GROUP).sum(2)  # (M, G)
+        approx.addmm_(l1, self.group_slack, alpha=_ROUND_UP)
+        approx.add_(self.bias)
+        rounding = 4.1 * BF16_UNIT
+        reference = 2 * self.dim * FP32_UNIT
+        for i in range(len(out)):
+            l2 = float(out[i].norm()) * _ROUND_UP
+            absolute = 4 * FP32_UNIT * (l2 * self.max_norm + self.max_bias)
+            approx[i].add_(self.d_norms, alpha=rounding * l2).add_(self.norms, alpha=reference * l2)
+            approx[i].add_(absolute)
+        return approx
+
+
+class Bf16Pass:
+    """bf16 ``[w_j, b_j]`` per item, for batches: one GEMM, the bias riding along.
+
+    Bound: inputs rounded (2u + u^2) and output rounded (u) give
+    ``(3.02 u + 2 (H + 1) 2^-24) (||x|| max||w|| + max|b|)`` for every item of the row.
+    """
+
+    def __init__(
+        self, weights: torch.Tensor, bias: torch.Tensor, max_norm: float, max_bias: float
+    ) -> None:
+        self.dim, self.max_norm, self.max_bias = weights.shape[1], max_norm, max_bias
+        self.weights = torch.cat((weights, bias.unsqueeze(1)), 1).bfloat16()  # (n, H + 1)
+
+    def product(self, out: torch.Tensor) -> torch.Tensor:
+        """(M, n) bf16 approximations of ``out @ weights.T + bias``."""
+        ones = torch.ones(len(out), 1, dtype=out.dtype, device=out.device)
+        return torch.mm(torch.cat((out, ones), 1).bfloat16(), self.weights.t())
+
+    def slack(self, out: torch.Tensor) -> torch.Tensor:
+        """(M,) one bound on every item's error per row."""
+        rel = 3.02 * BF16_UNIT + 2 * (self.dim + 1) * FP32_UNIT
+        return rel * (out.norm(dim=1) * self.max_norm + self.max_bias)
+
+    def upper(self, out: torch.Tensor) -> torch.Tensor:
+        return self.product(out).float() + self.slack(out).unsqueeze(1)
+
+
+def build_int8(weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> Int8Pass | None:
+    """The int8 pass, or None where torch's kernel fails its self-check (or is missing)."""
+    try:
+        built = Int8Pass(weights, bias, norms)
+    except (RuntimeError, NotImplementedError):
+        return None
+    return built if built.ok else None
+
+
+def build_int4(weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> Int4Pass | None:
+    """The int4 pass, or None where torch's kernel fails its self-check (or is missing)."""
+    try:
+        built = Int4Pass(weights, bias, norms)
+    except (RuntimeError, NotImplementedError):
+        return None
+    return built if built.ok else None
