@@ -60,11 +60,11 @@ class Int8Pass:
         return torch.ops.aten._weight_int8pack_mm(padded.bfloat16(), self.q, self.scale16)
 
     def _kernel_agrees(self, weights: torch.Tensor) -> bool:
-        probe = torch.linspace(-1.0, 1.0, self.dim, device=weights.device).unsqueeze(0)
+        probe = _probe(self.dim, weights.device)
         got = self.product(probe).float()
         dequantised = self.q[:, : self.dim].float() * self.scale.unsqueeze(1)
         expected = probe.bfloat16().float() @ dequantised.t()
-        tolerance = 4 * BF16_UNIT * float(probe.norm()) * self.max_norm + 1e-6
+        tolerance = 4 * BF16_UNIT * float(probe.norm(dim=1).max()) * self.max_norm + 1e-6
         return bool(torch.isfinite(got).all()) and float((got - expected).abs().max()) <= tolerance
 
     def upper(self, out: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,8 @@ class Int4Pass:
     """Asymmetric int4 weights in groups of ``INT4_GROUP``: ``D_jk = (q_jk - 8) s_jg + z_jg``
     with bf16 ``s`` and ``z``, which is what torch's CPU int4 kernel dequantises.
 
-    Bound, item j, group g (the dequantised row ``D_j`` is known exactly here):
+    Bound, item j, group g (``D_j`` as computed here; the kernel computes it in fp32 too, exactly
+    on AVX-512, rounded once more on AVX2, which the sum term below covers):
     - quantisation: ``|x.(w_j - D_j)| <= sum_g ||x_g||_1 e_jg``, ``e_jg`` the group's largest
       ``|w - D|``, measured;
     - the kernel rounds ``x`` and its output to bf16 (and may round ``D_j``): each at most
@@ -130,11 +131,11 @@ class Int4Pass:
         return result[:, : self.n_items]
 
     def _kernel_agrees(self, dequantised: torch.Tensor) -> bool:
-        probe = torch.linspace(-1.0, 1.0, self.padded_dim, device=dequantised.device)
-        probe[self.dim :] = 0.0
-        got = self.product(probe[: self.dim].unsqueeze(0)).float()
-        expected = probe.bfloat16().float().unsqueeze(0) @ dequantised[: self.n_items].t()
-        bound = float(probe.norm()) * float(self.d_norms.max())
+        probe = _probe(self.dim, dequantised.device)
+        got = self.product(probe).float()
+        padded = torch.nn.functional.pad(probe, (0, self.padded_dim - self.dim))
+        expected = padded.bfloat16().float() @ dequantised[: self.n_items].t()
+        bound = float(probe.norm(dim=1).max()) * float(self.d_norms.max())
         tolerance = 4 * BF16_UNIT * bound + 1e-6
         return bool(torch.isfinite(got).all()) and float((got - expected).abs().max()) <= tolerance
 
@@ -182,11 +183,17 @@ class Bf16Pass:
         return self.product(out).float() + self.slack(out).unsqueeze(1)
 
 
+def _probe(dim: int, device: torch.device) -> torch.Tensor:
+    """Two fixed rows for a kernel's self-check (two: the kernels tile rows in pairs)."""
+    ramp = torch.linspace(-1.0, 1.0, dim, device=device)
+    return torch.stack((ramp, torch.cos(7.0 * ramp)))
+
+
 def build_int8(weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> Int8Pass | None:
     """The int8 pass, or None where torch's kernel fails its self-check (or is missing)."""
     try:
         built = Int8Pass(weights, bias, norms)
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, AttributeError):  # AttributeError: no such op
         return None
     return built if built.ok else None
 
@@ -195,6 +202,6 @@ def build_int4(weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -
     """The int4 pass, or None where torch's kernel fails its self-check (or is missing)."""
     try:
         built = Int4Pass(weights, bias, norms)
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, AttributeError):  # AttributeError: no such op
         return None
     return built if built.ok else None

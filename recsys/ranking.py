@@ -183,6 +183,7 @@ class CatalogueRanker:
         self._int4: Int4Pass | None = None
         self._bf16: Bf16Pass | None = None
         self._gemv_built = False  # the int8 and int4 copies (either may fail its self-check)
+        self._int4_judged = False
         self.tried = {"int4": 0, "int8": 0, "bf16": 0}  # rows that entered each pass
         self.settled = {"int4": 0, "int8": 0, "bf16": 0}  # rows each pass certified
 
@@ -228,12 +229,12 @@ class CatalogueRanker:
             self.prepare(gemv=False)
             return self._bf16.upper(out)  # type: ignore[union-attr]
 
-    def _count(self, tier: str, tried: int, settled: int) -> None:
-        self.tried[tier] += tried
-        self.settled[tier] += settled
-        tried, settled = self.tried[tier], self.settled[tier]
-        if tier == "int4" and tried >= INT4_TRIAL and settled < INT4_MIN_SHARE * tried:
-            self._int4 = None  # it costs more than it saves on this catalogue
+    def _judge_int4(self) -> None:
+        """Once, after its first INT4_TRIAL rows: drop int4 where it costs more than it saves."""
+        tried, settled = self.tried["int4"], self.settled["int4"]
+        if self._int4 is not None and not self._int4_judged and tried >= INT4_TRIAL:
+            self._int4_judged = True
+            self._int4 = None if settled < INT4_MIN_SHARE * tried else self._int4
 
     def _candidates(
         self, tier: Tier, out: torch.Tensor, m: int, exclude: Exclusions | None
@@ -279,7 +280,7 @@ class CatalogueRanker:
         pass leaves them out, so its bounds cover the unboosted items only).
         A target's rank is exact whenever it is within the top k, else k + 1.
         """
-        k = min(k, self.n_items)
+        k, out = min(k, self.n_items), out.contiguous()  # the weight-only kernels need it
         with torch.inference_mode():
             # Decided before uses_gemv, which would build the int8 copy. On a GPU the full fp32
             # product is cheap, and cuBLAS may reduce bf16 products in reduced precision, which
@@ -298,9 +299,11 @@ class CatalogueRanker:
             tiers = [t for t in self.tiers(len(out)) if k + t.extra < self.n_items - most_excluded]
             if not tiers:
                 return rank_scores(self.full_scores(out), k, exclude, targets, ties, boost)
-            return self._certified_top_k(
+            found = self._certified_top_k(
                 out, k, exclude, cheap_exclude, targets, ties, boost, tiers
             )
+            self._judge_int4()
+            return found
 
     def _certified_top_k(
         self,
@@ -364,7 +367,8 @@ class CatalogueRanker:
             # broke the bound, the row is rescored in full rather than trusted.
             certified &= ~(inside & ~is_target.any(1))
         rows = torch.nonzero(~certified).flatten()
-        self._count(tier.name, len(out) if fresh else 0, len(out) - len(rows))
+        self.tried[tier.name] += len(out) if fresh else 0
+        self.settled[tier.name] += len(out) - len(rows)
         if not len(rows):
             return TopK(items, values, ranks, len(out))
         picked = rows.tolist()
