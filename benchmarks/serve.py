@@ -9,7 +9,8 @@ flat scores that nothing could certify. Requests are the real Diginetica test se
 Cases (each a row: latency percentiles in ms and events/s):
 (a) in-process ``recommend`` of one whole session, top-20 (certified int4/int8 passes vs plain fp32,
     1 torch thread vs all cores);
-(b) one ``LiveSessions.click`` (one GRU step + top-20), same variants;
+(b) one ``LiveSessions.click`` (one GRU step + top-20), same variants, and the int4 first tier
+    on vs off in the same process, alternating (``bench_int4_tier``);
 (c) REST round trips to ``mlflow models serve`` (one worker, see WORKERS) from loopback clients:
     one client with empty sessions (the HTTP + MLflow stack alone), one client, N clients in a
     closed loop (saturation), N clients paced at a visitor's click rate (50 for 60 s each;
@@ -115,6 +116,39 @@ def bench_library(
             )
     torch.set_num_threads(1)
     return sorted(rows, key=lambda r: r["case"][:3])
+
+
+def bench_int4_tier(
+    model_path: Path, sessions: list[list[Any]], n_clicks: int, note: str, rounds: int = 3
+) -> list[dict[str, Any]]:
+    """(b) with the int4 first tier on and off (``recsys.ranking.INT4_ROWS`` 0), 1 thread, in
+    the same process, alternating per round: the VM drifts more between runs than this moves."""
+    from recsys import ranking
+
+    clicks = [(sid, item) for sid, s in enumerate(sessions) for item in s][:n_clicks]
+    torch.set_num_threads(1)
+    rec = SessionRecommender.load(model_path, fast_top_k=True)
+    samples: dict[bool, list[float]] = {True: [], False: []}
+    shipped = ranking.INT4_ROWS
+    try:
+        for r in range(rounds):
+            for on in (True, False) if r % 2 == 0 else (False, True):
+                ranking.INT4_ROWS = shipped if on else 0
+                live = rec.live()  # fresh sessions each round: the same clicks, the same work
+                calls = [lambda c=c, lv=live: lv.click(*c, k=K) for c in clicks]
+                samples[on] += time_calls(calls, warmup=0)
+    finally:
+        ranking.INT4_ROWS = shipped
+    p50 = {on: percentiles(v)["p50_ms"] for on, v in samples.items()}
+    detail = f"; {rounds} alternating rounds; p50 ratio on/off {p50[True] / p50[False]:.2f}"
+    return [
+        row(
+            f"(b) live click + top-{K}, int4 tier {'on' if on else 'off'}, 1 thread, A/B",
+            v,
+            note + detail,
+        )
+        for on, v in samples.items()
+    ]
 
 
 def _kind(fast: bool) -> str:
@@ -252,6 +286,7 @@ def bench_serve(quick: bool) -> list[dict[str, Any]]:
         workdir = Path(tmp)
         model_path, sessions, note = build_model(workdir / "model.pt")
         rows = bench_library(model_path, sessions, n_calls, n_clicks, note)
+        rows += bench_int4_tier(model_path, sessions, n_clicks, note)
         rows += bench_rest(model_path, sessions, quick, workdir, note)
     return rows
 
