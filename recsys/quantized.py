@@ -18,6 +18,8 @@ disagrees disables its pass (a wrong kernel must never feed the bounds).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
@@ -189,19 +191,15 @@ def _probe(dim: int, device: torch.device) -> torch.Tensor:
     return torch.stack((ramp, torch.cos(7.0 * ramp)))
 
 
-def build_int8(weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> Int8Pass | None:
-    """The int8 pass, or None where torch's kernel fails its self-check (or is missing)."""
-    try:
-        built = Int8Pass(weights, bias, norms)
-    except (RuntimeError, NotImplementedError, AttributeError):  # AttributeError: no such op
-        return None
-    return built if built.ok else None
+PassT = TypeVar("PassT", Int8Pass, Int4Pass)
 
 
-def build_int4(weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> Int4Pass | None:
-    """The int4 pass, or None where torch's kernel fails its self-check (or is missing)."""
+def build_pass(
+    kind: type[PassT], weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor
+) -> PassT | None:
+    """A weight-only pass, or None where torch's kernel fails its self-check (or is missing)."""
     try:
-        built = Int4Pass(weights, bias, norms)
+        built = kind(weights, bias, norms)
     except (RuntimeError, NotImplementedError, AttributeError):  # AttributeError: no such op
         return None
     return built if built.ok else None

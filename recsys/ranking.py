@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from recsys.quantized import Bf16Pass, Int4Pass, Int8Pass, build_int4, build_int8
+from recsys.quantized import Bf16Pass, Int4Pass, Int8Pass, build_pass
 
 TieMode = Literal["conservative", "standard", "median"]
 Exclusions = Sequence[Sequence[int]]  # per row: the items that may not be recommended
@@ -212,9 +212,9 @@ class CatalogueRanker:
         """Build the low-precision copies now (so that the first request does not pay for them)."""
         with torch.no_grad():
             if gemv and not self._gemv_built:
-                self._int8 = build_int8(self.weights, self.bias, self.norms)
+                self._int8 = build_pass(Int8Pass, self.weights, self.bias, self.norms)
                 if self._int8 is not None:  # int4 only ever in front of int8
-                    self._int4 = build_int4(self.weights, self.bias, self.norms)
+                    self._int4 = build_pass(Int4Pass, self.weights, self.bias, self.norms)
                 self._gemv_built = True
             if not gemv and self._bf16 is None:
                 self._bf16 = Bf16Pass(self.weights, self.bias, self.max_norm, self.max_bias)
