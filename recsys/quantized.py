@@ -33,6 +33,13 @@ def pad_to(size: int, multiple: int) -> int:
     return -(-size // multiple) * multiple
 
 
+def maxima(norms: torch.Tensor, bias: torch.Tensor) -> tuple[float, float]:
+    """max ||w_j|| and max |b_j|, the catalogue-wide terms of every pass's bound."""
+    if not len(norms):
+        return 0.0, 0.0
+    return float(norms.max()), float(bias.abs().max())
+
+
 class Int8Pass:
     """Per-item symmetric int8 weights: ``w_j ~ s_j q_j`` with ``s_j`` a bf16 scale.
 
@@ -45,8 +52,7 @@ class Int8Pass:
     def __init__(self, weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> None:
         self.dim = weights.shape[1]
         self.bias, self.norms = bias, norms
-        self.max_norm = float(norms.max()) if len(norms) else 0.0
-        self.max_bias = float(bias.abs().max()) if len(bias) else 0.0
+        self.max_norm, self.max_bias = maxima(norms, bias)
         amax = weights.abs().amax(1)
         self.scale16 = torch.where(amax > 0, amax / _INT8_LEVELS, 1.0).bfloat16()
         self.scale = self.scale16.float()
@@ -101,8 +107,7 @@ class Int4Pass:
     def __init__(self, weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> None:
         n, self.dim = weights.shape
         self.n_items, self.bias, self.norms = n, bias, norms
-        self.max_norm = float(norms.max()) if n else 0.0
-        self.max_bias = float(bias.abs().max()) if n else 0.0
+        self.max_norm, self.max_bias = maxima(norms, bias)
         self.padded_dim = pad_to(self.dim, INT4_GROUP)
         rows = pad_to(n, 16)  # the kernel's tile of output columns
         w = torch.nn.functional.pad(weights, (0, self.padded_dim - self.dim, 0, rows - n))
@@ -165,10 +170,9 @@ class Bf16Pass:
     ``(3.02 u + 2 (H + 1) 2^-24) (||x|| max||w|| + max|b|)`` for every item of the row.
     """
 
-    def __init__(
-        self, weights: torch.Tensor, bias: torch.Tensor, max_norm: float, max_bias: float
-    ) -> None:
-        self.dim, self.max_norm, self.max_bias = weights.shape[1], max_norm, max_bias
+    def __init__(self, weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> None:
+        self.dim = weights.shape[1]
+        self.max_norm, self.max_bias = maxima(norms, bias)
         self.weights = torch.cat((weights, bias.unsqueeze(1)), 1).bfloat16()  # (n, H + 1)
 
     def product(self, out: torch.Tensor) -> torch.Tensor:

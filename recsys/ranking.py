@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from recsys.quantized import Bf16Pass, Int4Pass, Int8Pass, build_pass
+from recsys.quantized import Bf16Pass, Int4Pass, Int8Pass, build_pass, maxima
 
 TieMode = Literal["conservative", "standard", "median"]
 Exclusions = Sequence[Sequence[int]]  # per row: the items that may not be recommended
@@ -177,8 +177,7 @@ class CatalogueRanker:
         self.n_items, self.dim = self.weights.shape
         with torch.no_grad():
             self.norms = self.weights.norm(dim=1)  # (n,)
-            self.max_norm = float(self.norms.max()) if self.n_items else 0.0
-            self.max_bias = float(self.bias.abs().max()) if self.n_items else 0.0
+            self.max_norm, self.max_bias = maxima(self.norms, self.bias)
         self._int8: Int8Pass | None = None
         self._int4: Int4Pass | None = None
         self._bf16: Bf16Pass | None = None
@@ -217,7 +216,7 @@ class CatalogueRanker:
                     self._int4 = build_pass(Int4Pass, self.weights, self.bias, self.norms)
                 self._gemv_built = True
             if not gemv and self._bf16 is None:
-                self._bf16 = Bf16Pass(self.weights, self.bias, self.max_norm, self.max_bias)
+                self._bf16 = Bf16Pass(self.weights, self.bias, self.norms)
 
     def upper_bounds(self, out: torch.Tensor, tier: int = 0) -> torch.Tensor:
         """(M, n) upper bounds on every item's exact fp32 score from the ``tier``-th pass that M
