@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import math
-import os
-import time
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -182,16 +182,15 @@ def test_kernels_are_cpu_only() -> None:
 def test_a_lock_left_by_a_killed_build_does_not_block_the_next_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torch waits for its build lock without a timeout; a stale one is removed first."""
+    """torch waits for its build lock without a timeout, and kill -9 leaves it however recent
+    (the tune test's killed worker left one within its up-to-date check): it is removed."""
     from torch.utils import cpp_extension
 
     monkeypatch.setenv("RECSYS_KERNELS_DIR", str(tmp_path))
     where = kernels_module.build_directory()
     where.mkdir(parents=True)
     lock = where / "lock"
-    lock.touch()
-    old = time.time() - kernels_module.STALE_LOCK_SECONDS - 1
-    os.utime(lock, (old, old))
+    lock.touch()  # just now: no age tells a dead holder from a live one
     seen = {}
 
     def fake_build(name: str, **kwargs: object) -> ModuleType:
@@ -202,3 +201,27 @@ def test_a_lock_left_by_a_killed_build_does_not_block_the_next_one(
     monkeypatch.setattr(cpp_extension, "load_inline", fake_build)
     assert isinstance(kernels_module._load.__wrapped__(), ModuleType)
     assert seen == {"lock": False, "dir": str(where)}
+
+
+def test_a_live_build_elsewhere_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another builder holds the build folder's OS lock, a second one waits for it
+    instead of removing torch's lock under a live build."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("RECSYS_KERNELS_DIR", str(tmp_path))
+    where = kernels_module.build_directory()
+    where.mkdir(parents=True)
+    built = threading.Event()
+    monkeypatch.setattr(
+        cpp_extension, "load_inline", lambda name, **kwargs: built.set() or ModuleType(name)
+    )
+    with open(where / "build.flock", "w") as other:  # another open file: another holder
+        fcntl.flock(other, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=kernels_module._load.__wrapped__, daemon=True)
+        waiter.start()
+        assert not built.wait(1.0)  # blocked behind the live build
+        fcntl.flock(other, fcntl.LOCK_UN)
+    assert built.wait(10.0)
+    waiter.join(10.0)

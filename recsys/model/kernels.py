@@ -13,12 +13,15 @@ back to torch ops with a note.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +32,6 @@ from recsys.core.errors import RecsysError
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 NAME = "recsys_kernels"
-STALE_LOCK_SECONDS = 600  # a build takes ~30 s; a lock this old belongs to a killed build
 
 
 def build_directory() -> Path:
@@ -55,6 +57,22 @@ def _cache_root() -> Path:
     return root
 
 
+@contextlib.contextmanager
+def _build_lock(where: Path) -> Iterator[None]:
+    """Hold an OS lock on the build folder around torch's build, which waits without a timeout
+    for its own lock file (``lock``) and leaves it behind when the process is killed inside
+    the build or even inside its up-to-date check, blocking every later training. The OS
+    releases ours when its holder dies, and every builder holds it while it holds torch's, so a
+    ``lock`` found once ours is taken belongs to a dead process and is removed."""
+    with open(where / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits for a live build in another process
+        try:
+            (where / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @cache
 def _load() -> ModuleType | str:
     """The compiled module, or why it could not be built (one attempt per process)."""
@@ -68,28 +86,26 @@ def _load() -> ModuleType | str:
             file=sys.stderr,
         )
     start = time.perf_counter()
-    lock = where / "lock"  # torch's build lock; one left by a killed build would block forever
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-        lock.unlink(missing_ok=True)
     try:
         where.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load_inline(
-            NAME,
-            cpp_sources=[SOURCE.read_text()],
-            functions=[
-                "adagrad_rows_",
-                "adagrad_dense_",
-                "bpr_max",
-                "dropout_mask",
-                "gru_cell_forward",
-                "gru_cell_backward",
-            ],
-            # no FP traps: lets the compiler vectorise loops with selects (our exp, ELU)
-            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(where),
-            verbose=False,
-        )
+        with _build_lock(where):
+            module = cpp_extension.load_inline(
+                NAME,
+                cpp_sources=[SOURCE.read_text()],
+                functions=[
+                    "adagrad_rows_",
+                    "adagrad_dense_",
+                    "bpr_max",
+                    "dropout_mask",
+                    "gru_cell_forward",
+                    "gru_cell_backward",
+                ],
+                # no FP traps: lets the compiler vectorise loops with selects (our exp, ELU)
+                extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(where),
+                verbose=False,
+            )
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: all the same
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         return lines[-1] if lines else type(exc).__name__
