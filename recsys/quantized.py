@@ -18,7 +18,7 @@ disagrees disables its pass (a wrong kernel must never feed the bounds).
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -104,12 +104,18 @@ class Int4Pass:
     The group terms are one (M, G) x (G, n) product per batch.
     """
 
-    def __init__(self, weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor) -> None:
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        bias: torch.Tensor,
+        norms: torch.Tensor,
+        kernels: Any = None,
+    ) -> None:
         n, self.dim = weights.shape
         self.n_items, self.bias, self.norms = n, bias, norms
         self.max_norm, self.max_bias = maxima(norms, bias)
         self.padded_dim = pad_to(self.dim, INT4_GROUP)
-        rows = pad_to(n, 16)  # the kernel's tile of output columns
+        rows = pad_to(n, 16)  # the kernels' tile of output columns
         w = torch.nn.functional.pad(weights, (0, self.padded_dim - self.dim, 0, rows - n))
         groups = w.view(rows, self.padded_dim // INT4_GROUP, INT4_GROUP)
         low, high = groups.amin(2), groups.amax(2)
@@ -119,15 +125,67 @@ class Int4Pass:
         dequantised = (q - 8) * scale.unsqueeze(2) + zero.unsqueeze(2)
         err = (groups - dequantised).abs().amax(2)  # (rows, G)
         sums = (self.padded_dim + 2 * groups.shape[1] + 4) * FP32_UNIT
-        slack = (err + sums * (8 * scale + zero.abs())) * _ROUND_UP
+        slack = (err + sums * (8 * scale + zero.abs())) * _ROUND_UP  # (rows, G)
+        d_norms = dequantised.reshape(rows, -1).norm(dim=1) * _ROUND_UP  # (rows,)
+        self.d_norms = d_norms[:n]
+        # recsys/model/kernels_int4.cpp where this CPU runs it (AVX-512 VNNI), else torch's
+        self.native = kernels if kernels is not None and kernels.int4_vnni() else None
+        if self.native is not None:
+            self.layout = _native_layout(q, scale, zero, slack, bias, norms, d_norms)
+            if self._native_agrees(weights, dequantised.view(rows, self.padded_dim)):
+                self.ok = True
+                return
+            self.native = None
         self.group_slack = slack[:n].t().contiguous()  # (G, n)
-        self.d_norms = dequantised[:n].reshape(n, -1).norm(dim=1) * _ROUND_UP  # (n,)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.to(torch.int32).view(rows, self.padded_dim), 1
         )
         # (G, rows, 2): [scale, zero] per group and item, the kernel's layout
         self.scale_zero = torch.stack((scale, zero), 2).transpose(0, 1).contiguous().bfloat16()
         self.ok = self._kernel_agrees(dequantised.view(rows, self.padded_dim))
+
+    def native_upper(self, out: torch.Tensor, simd: bool = True) -> torch.Tensor:
+        """(M, n) upper bounds from the compiled pass (``simd=False``: its portable path)."""
+        return self.native.int4_upper(  # type: ignore[union-attr]
+            out.float().contiguous(),
+            *self.layout,
+            self.n_items,
+            2 * self.dim * FP32_UNIT,  # the reference's fp32 sums, as below
+            4 * FP32_UNIT,
+            self.max_norm,
+            self.max_bias,
+            simd,
+        )
+
+    def _native_agrees(self, weights: torch.Tensor, dequantised: torch.Tensor) -> bool:
+        """On two probe rows the compiled pass returns the bound above, computed here in torch
+        (x rounded to int8 per row as the kernel does), and that bounds the exact scores."""
+        probe = _probe(self.dim, weights.device)
+        got = self.native_upper(probe)
+        sx = probe.abs().amax(1, keepdim=True) / 127
+        xq = torch.nn.functional.pad(
+            torch.round(probe / sx).clamp(-127, 127), (0, self.padded_dim - self.dim)
+        )
+        x = torch.nn.functional.pad(probe, (0, self.padded_dim - self.dim))
+        groups = (len(probe), -1, INT4_GROUP)
+        l1 = torch.maximum(x.abs().view(groups).sum(2), xq.abs().view(groups).sum(2) * sx)
+        resid, l2 = (x - xq * sx).norm(dim=1, keepdim=True), probe.norm(dim=1, keepdim=True)
+        slack = self.layout[3].permute(0, 2, 1).reshape(-1, l1.shape[1])[: self.n_items]
+        expected = (
+            (xq * sx) @ dequantised[: self.n_items].t()
+            + self.bias
+            + l1 @ slack.t()
+            + resid * self.d_norms
+            + 2 * self.dim * FP32_UNIT * l2 * self.norms
+            + 4 * FP32_UNIT * (l2 * self.max_norm + self.max_bias)
+        )
+        scale = float(l2.max()) * float(self.d_norms.max()) + self.max_bias + 1.0
+        exact = torch.addmm(self.bias, probe, weights.t())
+        return bool(
+            torch.isfinite(got).all()
+            and (got >= exact).all()
+            and float((got - expected).abs().max()) <= 1e-5 * scale
+        )
 
     def product(self, out: torch.Tensor) -> torch.Tensor:
         """The kernel itself: (M, n) bf16 approximations of ``out @ weights.T``."""
@@ -148,6 +206,8 @@ class Int4Pass:
 
     def upper(self, out: torch.Tensor) -> torch.Tensor:
         """(M, n) upper bounds: the kernel's scores plus the slack above."""
+        if self.native is not None:
+            return self.native_upper(out)
         approx = self.product(out).float()
         padded = torch.nn.functional.pad(out.abs(), (0, self.padded_dim - self.dim))
         l1 = padded.view(len(out), -1, INT4_GROUP).sum(2)  # (M, G)
@@ -189,6 +249,40 @@ class Bf16Pass:
         return self.product(out).float() + self.slack(out).unsqueeze(1)
 
 
+def _native_layout(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    slack: torch.Tensor,
+    bias: torch.Tensor,
+    norms: torch.Tensor,
+    d_norms: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """kernels_int4.cpp's layout: tiles of 16 items; per tile and group, 8 blocks of 64 bytes in
+    which item i's 4 bytes hold weights d..d+3 (low nibbles) and d+4..d+7 (high nibbles)."""
+    rows, g = scale.shape
+    tiles = rows // 16
+    nibbles = q.to(torch.uint8).view(tiles, 16, g, 8, 2, 4)
+    packed = nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)  # (T, 16, G, 8, 4)
+    packed = packed.permute(0, 2, 3, 1, 4).contiguous()  # (T, G, 8, 16 x 4 bytes)
+
+    def per_tile(a: torch.Tensor) -> torch.Tensor:  # (rows, G) -> (T, G, 16)
+        return a.view(tiles, 16, g).permute(0, 2, 1).contiguous()
+
+    def padded(a: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(a.float(), (0, rows - len(a))).contiguous()
+
+    return (
+        packed.view(tiles, g, 8, 64),
+        per_tile(scale),
+        per_tile(zero),
+        per_tile(slack),
+        padded(bias),
+        d_norms.contiguous(),
+        padded(norms),
+    )
+
+
 def _probe(dim: int, device: torch.device) -> torch.Tensor:
     """Two fixed rows for a kernel's self-check (two: the kernels tile rows in pairs)."""
     ramp = torch.linspace(-1.0, 1.0, dim, device=device)
@@ -199,11 +293,11 @@ PassT = TypeVar("PassT", Int8Pass, Int4Pass)
 
 
 def build_pass(
-    kind: type[PassT], weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor
+    kind: type[PassT], weights: torch.Tensor, bias: torch.Tensor, norms: torch.Tensor, *extra: Any
 ) -> PassT | None:
-    """A weight-only pass, or None where torch's kernel fails its self-check (or is missing)."""
+    """A weight-only pass, or None where its kernel fails its self-check (or is missing)."""
     try:
-        built = kind(weights, bias, norms)
+        built = kind(weights, bias, norms, *extra)
     except (RuntimeError, NotImplementedError, AttributeError):  # AttributeError: no such op
         return None
     return built if built.ok else None

@@ -4,22 +4,20 @@ Evaluation, the baselines and serving all rank through this module, so "serving 
 evaluation does" rests on one implementation. ``rank_scores`` ranks a score matrix the caller
 already has (the baselines); ``CatalogueRanker`` ranks GRU outputs against the item matrix.
 
-Every recommendation and every evaluated event scores the session's output ``x`` against the
-whole item matrix, ``x @ W.T + b``; on a CPU that product is the cost (43k x 512 fp32 is 88 MB
-to read per session). A cheap pass gives every item an *upper bound* on its exact fp32 score:
-int4 then int8 copies of ``W`` for a few sessions (an eighth or a quarter of the bytes;
-``recsys.quantized``), one bf16 GEMM for batches. The ``m`` best bounds are rescored in fp32.
-If the k-th best exact score beats the m-th bound, no other item can reach the top k, so the
-answer *is* the fp32 ranking (certified); a row that cannot be certified goes on to the next
-pass, past the last one to full fp32. Nothing here is approximate: the bounds are rigorous
-rounding-error bounds, and the tests hold the results equal to full fp32 scoring.
+Every recommendation and evaluated event scores the session's output ``x`` against the whole
+item matrix, ``x @ W.T + b`` (43k x 512 fp32: 88 MB to read per session on a CPU). A cheap pass
+(``recsys.quantized``: int4 then int8 copies of ``W`` for a few sessions, one bf16 GEMM for
+batches) gives every item a rigorous *upper bound* on its exact fp32 score; the ``m`` best are
+rescored in fp32, and if the k-th best exact score beats the m-th bound no other item can reach
+the top k: the answer *is* the fp32 ranking (certified). Other rows go on to the next pass, past
+the last to full fp32. Nothing is approximate; the tests hold results equal to full fp32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +29,7 @@ Exclusions = Sequence[Sequence[int]]  # per row: the items that may not be recom
 # per row: items (M, L) with -1 for none, and what is added to their scores (M, L); an item at
 # most once per row (the repeat readout's session items, recsys.model.readout)
 Boost = tuple[torch.Tensor, torch.Tensor]
+Kernels = Callable[[], Any]  # loads the compiled kernels module (or None): see CatalogueRanker
 
 FAST_MIN_ITEMS = 8192  # below this a plain fp32 product is cheap enough
 # Up to this many sessions the int8 matrix-vector pass, above it one bf16 GEMM. 8: with the
@@ -38,11 +37,12 @@ FAST_MIN_ITEMS = 8192  # below this a plain fp32 product is cheap enough
 # ran at server p50 ~10 ms against ~20 ms with 2 (docs/benchmarks.md, live service).
 GEMV_ROWS = 8
 EXTRA_GEMV = 64  # candidates rescored beyond k after the int8 pass (per-item bounds)
-# int4 (half int8's bytes, looser bounds) goes first for up to INT4_ROWS rows: +64 certify 73 %
-# of real Diginetica rows, then +256 of the same candidates 97 %; the rest go on to int8. It
-# costs ~0.7 of int8 a row, so below INT4_MIN_SHARE over its first INT4_TRIAL rows it is dropped.
+# int4 (half int8's bytes, looser bounds) goes first for up to INT4_ROWS rows: +64, then +256 of
+# the same candidates certify 80 % and 98 % of real Diginetica rows (the compiled pass; torch's:
+# 73, 97), the rest go on to int8. Below INT4_MIN_SHARE of its first INT4_TRIAL rows: dropped.
 INT4_ROWS, EXTRA_INT4 = 2, (64, 256)
 INT4_TRIAL, INT4_MIN_SHARE = 256, 0.8
+PASSES = ("int4", "int8", "bf16")
 EXTRA_BATCH = 28  # after the bf16 pass (one bound per row; its gather dominates evaluation)
 
 
@@ -171,9 +171,11 @@ def rank_scores(
 class CatalogueRanker:
     """Exact top-k of ``out @ weights.T + bias`` with certified low-precision passes first."""
 
-    def __init__(self, weights: torch.Tensor, bias: torch.Tensor) -> None:
-        self.weights = weights.detach()
-        self.bias = bias.detach()
+    def __init__(
+        self, weights: torch.Tensor, bias: torch.Tensor, kernels: Kernels | None = None
+    ) -> None:
+        self.weights, self.bias = weights.detach(), bias.detach()
+        self._kernels = kernels  # loads the compiled int4 pass (else torch's int4 kernel)
         self.n_items, self.dim = self.weights.shape
         with torch.no_grad():
             self.norms = self.weights.norm(dim=1)  # (n,)
@@ -183,17 +185,16 @@ class CatalogueRanker:
         self._bf16: Bf16Pass | None = None
         self._gemv_built = False  # the int8 and int4 copies (either may fail its self-check)
         self._int4_judged = False
-        self.tried = {"int4": 0, "int8": 0, "bf16": 0}  # rows that entered each pass
-        self.settled = {"int4": 0, "int8": 0, "bf16": 0}  # rows each pass certified
+        # rows that entered each pass, and rows each pass certified
+        self.tried, self.settled = dict.fromkeys(PASSES, 0), dict.fromkeys(PASSES, 0)
 
     # --- the cheap passes -------------------------------------------------------------------
 
     def uses_gemv(self, rows: int) -> bool:
         """int8 weight-only GEMV for a few rows on CPU (torch's kernel is CPU/bf16-only)."""
-        if rows > GEMV_ROWS or self.weights.device.type != "cpu":
-            return False
-        self.prepare(gemv=True)
-        return self._int8 is not None
+        if rows <= GEMV_ROWS and self.weights.device.type == "cpu":
+            self.prepare(gemv=True)
+        return rows <= GEMV_ROWS and self._int8 is not None
 
     def tiers(self, rows: int) -> list[Tier]:
         """The cheap passes ``rows`` sessions go through, first to last, with the candidates
@@ -213,7 +214,8 @@ class CatalogueRanker:
             if gemv and not self._gemv_built:
                 self._int8 = build_pass(Int8Pass, self.weights, self.bias, self.norms)
                 if self._int8 is not None:  # int4 only ever in front of int8
-                    self._int4 = build_pass(Int4Pass, self.weights, self.bias, self.norms)
+                    native = self._kernels() if self._kernels is not None else None
+                    self._int4 = build_pass(Int4Pass, self.weights, self.bias, self.norms, native)
                 self._gemv_built = True
             if not gemv and self._bf16 is None:
                 self._bf16 = Bf16Pass(self.weights, self.bias, self.norms)
@@ -223,10 +225,8 @@ class CatalogueRanker:
         rows use (``recsys.quantized`` derives each pass's bounds)."""
         with torch.inference_mode():
             upper = self.tiers(len(out))[tier].upper
-            if upper is not None:
-                return upper(out)
-            self.prepare(gemv=False)
-            return self._bf16.upper(out)  # type: ignore[union-attr]
+            self.prepare(gemv=upper is not None)
+            return upper(out) if upper is not None else self._bf16.upper(out)  # type: ignore
 
     def _judge_int4(self) -> None:
         """Once, after its first INT4_TRIAL rows: drop int4 where it costs more than it saves."""
@@ -243,10 +243,8 @@ class CatalogueRanker:
             upper = tier.upper(out)
             mask_items(upper, exclude)
             return torch.topk(upper, m, dim=1)
-        # One bound per row: the best bounds are the best approximate scores (no (M, n) sum).
-        self.prepare(gemv=False)
-        assert self._bf16 is not None
-        approx = self._bf16.product(out)
+        self.prepare(gemv=False)  # one bound per row: the best bounds are the best scores
+        approx = self._bf16.product(out)  # type: ignore[union-attr]
         mask_items(approx, exclude)
         values, cand = torch.topk(approx, m, dim=1)
         return values.float() + self._bf16.slack(out).unsqueeze(1), cand
@@ -389,11 +387,13 @@ class CatalogueRanker:
         return TopK(items, values, ranks, len(out) - len(rows) + rest.certified)
 
 
-def ranker_for(weights: torch.Tensor, bias: torch.Tensor, owner: object) -> CatalogueRanker:
+def ranker_for(
+    weights: torch.Tensor, bias: torch.Tensor, owner: object, kernels: Kernels | None = None
+) -> CatalogueRanker:
     """The ranker of a model's current item matrix, cached on ``owner`` until the weights change."""
     key = (id(weights), weights._version, id(bias), bias._version)
     cached = getattr(owner, "_catalogue_ranker", None)
     if cached is None or cached[0] != key:
-        cached = (key, CatalogueRanker(weights, bias))
+        cached = (key, CatalogueRanker(weights, bias, kernels))
         owner._catalogue_ranker = cached  # type: ignore[attr-defined]
     return cached[1]

@@ -1,4 +1,5 @@
-"""Fused C++ kernels for CPU training (``train.kernels``), built on first use.
+"""Fused C++ kernels for CPU training (``train.kernels``) and the live ranker's int4 pass,
+built on first use.
 
 Several parts of a step are many cheap passes over memory in torch ops: Adagrad with momentum
 (for item rows also a gather and a scatter of their state), BPR-max with its gradient (~20 passes
@@ -8,7 +9,9 @@ masks. ``kernels.cpp`` does each in one or a few passes; the arithmetic is that 
 reference and the fallback (docs/benchmarks.md has the timings). The module is compiled with the local C++
 compiler through ``torch.utils.cpp_extension`` into a cache keyed by the source, torch and Python
 versions, so the ~30 s build happens once per machine. Where it cannot be built, ``auto`` falls
-back to torch ops with a note.
+back to torch ops with a note. ``kernels_int4.cpp`` holds the int4 catalogue pass
+(``recsys.quantized.Int4Pass``), which the serving layer hands to the ranker
+(``ranking_kernels``); without it the ranker uses torch's int4 kernel.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 from recsys.core.errors import RecsysError
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+SOURCES = (Path(__file__).with_name("kernels.cpp"), Path(__file__).with_name("kernels_int4.cpp"))
 NAME = "recsys_kernels"
 
 
@@ -40,7 +43,8 @@ def build_directory() -> Path:
     writable), one folder per source, torch, Python and CPU architecture, so a stale build is
     never loaded."""
     key = hashlib.sha256(
-        SOURCE.read_bytes() + f"|{torch.__version__}|{sys.version}|{platform.machine()}".encode()
+        b"".join(source.read_bytes() for source in SOURCES)
+        + f"|{torch.__version__}|{sys.version}|{platform.machine()}".encode()
     ).hexdigest()[:16]
     return _cache_root() / key
 
@@ -82,7 +86,7 @@ def _load() -> ModuleType | str:
     built = any(where.glob(f"{NAME}*.so"))
     if not built:
         print(
-            f"building the fused training kernels (once per machine, ~30 s) in {where}",
+            f"building the fused CPU kernels (once per machine, ~30 s) in {where}",
             file=sys.stderr,
         )
     start = time.perf_counter()
@@ -91,7 +95,7 @@ def _load() -> ModuleType | str:
         with _build_lock(where):
             module = cpp_extension.load_inline(
                 NAME,
-                cpp_sources=[SOURCE.read_text()],
+                cpp_sources=[source.read_text() for source in SOURCES],
                 functions=[
                     "adagrad_rows_",
                     "adagrad_dense_",
@@ -99,6 +103,8 @@ def _load() -> ModuleType | str:
                     "dropout_mask",
                     "gru_cell_forward",
                     "gru_cell_backward",
+                    "int4_upper",
+                    "int4_vnni",
                 ],
                 # no FP traps: lets the compiler vectorise loops with selects (our exp, ELU)
                 extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],
@@ -148,3 +154,10 @@ def _note_fallback(reason: str) -> None:
         "ops (same arithmetic, slower). Set train.kernels: torch to skip the attempt.",
         file=sys.stderr,
     )
+
+
+def ranking_kernels() -> ModuleType | None:
+    """The compiled module for the ranker's int4 pass, or None (silently: the ranker then uses
+    torch's int4 kernel, with the same answers)."""
+    loaded = _load()
+    return loaded if isinstance(loaded, ModuleType) else None

@@ -26,6 +26,7 @@ import torch
 from recsys.core.errors import RecsysError
 from recsys.model.artifact import TrainedModel, plain_id
 from recsys.model.gru4rec import GRU4Rec
+from recsys.model.kernels import ranking_kernels
 from recsys.ranking import CatalogueRanker, fast_by_default, ranker_for
 from recsys.serving.live_store import SessionStore
 
@@ -120,7 +121,7 @@ class SessionRecommender:
     @property
     def ranker(self) -> CatalogueRanker:
         """The network's ranker, looked up per call: it is rebuilt when the weights change."""
-        return ranker_for(self.model.item_out, self.model.item_bias, self.model)
+        return ranker_for(self.model.item_out, self.model.item_bias, self.model, ranking_kernels)
 
     # --- loading ----------------------------------------------------------------------------
 
