@@ -211,9 +211,11 @@ torch::Tensor int4_upper(torch::Tensor x, torch::Tensor packed, torch::Tensor sc
   TORCH_CHECK(bias.numel() == tiles * kTile && dnorm.numel() == bias.numel() &&
                   norms.numel() == bias.numel(),
               "bias, dnorm and norms must have T * 16 entries");
+  auto result = torch::empty({m, n_items}, x.options());
+  // The live service answers HTTP on another thread meanwhile (torch's own ops release it too).
+  pybind11::gil_scoped_release no_gil;
   const Rows r = quantise_rows(x.data_ptr<float>(), m, h, groups * kGroup, ref_unit,
                                absolute_unit, max_norm, max_bias);
-  auto result = torch::empty({m, n_items}, x.options());
   float* out = result.data_ptr<float>();
   const bool vnni = simd && vnni_supported();
   const uint8_t* pk = packed.data_ptr<uint8_t>();
