@@ -116,7 +116,9 @@ class TrainedModel:
         if not path.is_file():
             raise RecsysError(f"{path}: model file not found")
         try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
+            # mmap: no tensor is read under the GIL here (the live service loads a new model
+            # on a background thread while it answers); load_state_dict copies them in torch ops
+            payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
             raise RecsysError(
                 f"{path}: not a loadable recsys model file ({first_line(exc, 200)})"
