@@ -102,6 +102,11 @@ class Int4Pass:
       ``sum_g ||x_g||_1 (8 s_jg + |z_jg|)``, as every term is at most that in magnitude;
     - the reference's fp32 sums and bias add, as for int8.
     The group terms are one (M, G) x (G, n) product per batch.
+
+    With ``kernels`` (the compiled module, where the CPU has AVX-512 VNNI) the same copy is laid
+    out for ``kernels_int4.cpp``, which rounds ``x`` to int8 per row (``x ~ s_x x_q``) and sums
+    the products exactly in integers: the bf16 term becomes ``||x - s_x x_q|| ||D_j||``, the
+    group terms use ``max(||x_g||_1, s_x ||x_q,g||_1)``, and the kernel adds the bound itself.
     """
 
     def __init__(
