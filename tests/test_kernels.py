@@ -172,6 +172,16 @@ def test_auto_falls_back_to_torch_ops_with_a_note_and_native_fails_clearly(
     assert native_kernels("torch", torch.device("cpu")) is None
 
 
+def test_missing_kernel_sources_are_a_reason_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A copy of the package without its C++ sources (the ranker asks for the module when a
+    served model loads): the loader says why, and callers fall back to torch."""
+    monkeypatch.setattr(kernels_module, "SOURCES", (tmp_path / "gone.cpp",))
+    reason = kernels_module._load.__wrapped__()
+    assert isinstance(reason, str) and "cannot be read" in reason and "gone.cpp" in reason
+
+
 def test_kernels_are_cpu_only() -> None:
     gpu = torch.device("cuda")
     assert native_kernels("auto", gpu) is None  # a GPU uses torch ops

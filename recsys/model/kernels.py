@@ -82,7 +82,10 @@ def _load() -> ModuleType | str:
     """The compiled module, or why it could not be built (one attempt per process)."""
     from torch.utils import cpp_extension
 
-    where = build_directory()
+    try:
+        where = build_directory()
+    except OSError as exc:  # a copy of the package without its C++ sources
+        return f"the kernel sources cannot be read ({exc.strerror}: {exc.filename})"
     built = any(where.glob(f"{NAME}*.so"))
     if not built:
         print(
