@@ -33,6 +33,15 @@ def pad_to(size: int, multiple: int) -> int:
     return -(-size // multiple) * multiple
 
 
+def fp32_absolute(dim: int, l2: float, max_norm: float, max_bias: float) -> float:
+    """The rounding of an fp32 reference score not relative to the item's own terms: its last
+    additions (``4u ||x|| max||w||``); the bias, which a blocked BLAS sum rounds in once per
+    block (``addmm`` over 4+ rows: 7 ulps of b measured at H = 4096), at most ``(2H + 4) u
+    max|b|``; and products in the subnormal range, ``(2H + 16) 2^-150``."""
+    u = FP32_UNIT
+    return 4 * u * l2 * max_norm + (2 * dim + 4) * u * max_bias + (2 * dim + 16) * 2.0**-150
+
+
 def maxima(norms: torch.Tensor, bias: torch.Tensor) -> tuple[float, float]:
     """max ||w_j|| and max |b_j|, the catalogue-wide terms of every pass's bound."""
     if not len(norms):
@@ -82,7 +91,7 @@ class Int8Pass:
         rel = 4.1 * BF16_UNIT + 2 * self.dim * FP32_UNIT
         for i in range(len(out)):  # a row or two: per-row scalars beat (M, n) broadcasts
             l1, l2 = float(out[i].abs().sum()), float(out[i].norm())
-            absolute = 4 * FP32_UNIT * (l2 * self.max_norm + self.max_bias)  # the fp32 bias add
+            absolute = fp32_absolute(self.dim, l2, self.max_norm, self.max_bias)
             approx[i].add_(self.scale, alpha=0.5 * l1).add_(self.norms, alpha=rel * l2)
             approx[i].add_(absolute)
         return approx
@@ -155,10 +164,11 @@ class Int4Pass:
             out.float().contiguous(),
             *self.layout,
             self.n_items,
+            self.dim,
             2 * self.dim * FP32_UNIT,  # the reference's fp32 sums, as below
-            4 * FP32_UNIT,
-            self.max_norm,
-            self.max_bias,
+            # fp32_absolute's terms: per unit of ||x|| and the rest
+            4 * FP32_UNIT * self.max_norm,
+            fp32_absolute(self.dim, 0.0, self.max_norm, self.max_bias),
             simd,
         )
 
@@ -182,7 +192,8 @@ class Int4Pass:
             + l1 @ slack.t()
             + resid * self.d_norms
             + 2 * self.dim * FP32_UNIT * l2 * self.norms
-            + 4 * FP32_UNIT * (l2 * self.max_norm + self.max_bias)
+            + 4 * FP32_UNIT * self.max_norm * l2
+            + fp32_absolute(self.dim, 0.0, self.max_norm, self.max_bias)
         )
         scale = float(l2.max()) * float(self.d_norms.max()) + self.max_bias + 1.0
         exact = torch.addmm(self.bias, probe, weights.t())
@@ -222,7 +233,7 @@ class Int4Pass:
         reference = 2 * self.dim * FP32_UNIT
         for i in range(len(out)):
             l2 = float(out[i].norm()) * _ROUND_UP
-            absolute = 4 * FP32_UNIT * (l2 * self.max_norm + self.max_bias)
+            absolute = fp32_absolute(self.dim, l2, self.max_norm, self.max_bias)
             approx[i].add_(self.d_norms, alpha=rounding * l2).add_(self.norms, alpha=reference * l2)
             approx[i].add_(absolute)
         return approx

@@ -236,3 +236,33 @@ def test_multilayer_shapes_and_uniform_init(embedding: str) -> None:
     bound = math.sqrt(6 / (16 + 16))
     assert float(model.w_hh[0].detach().abs().max()) <= bound
     assert float(model.item_bias.detach().abs().max()) == 0.0
+
+
+def _plain_step(model: GRU4Rec, items: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Layer 0's click step from the weights as they are now, without any cached copy."""
+    gi = torch.addmm(model.b_ih[0], model.input_table()[items], model.w_ih[0].t())
+    gh = torch.addmm(model.b_hh[0], h, model.w_hh[0].t())
+    r, z = torch.sigmoid(gi[:, :16] + gh[:, :16]).chunk(2, -1)
+    n = torch.tanh(gi[:, 16:] + r * gh[:, 16:])
+    return n + z * (h - n)
+
+
+def test_a_click_step_follows_its_weights_through_every_kind_of_change() -> None:
+    """A click's products read a cached transposed copy of layer 0's weights: an in-place update,
+    a replaced ``.data`` and a dtype change must each be seen (the last two keep the version)."""
+    model = GRU4Rec(30, ModelConfig(layers=[8], embedding="shared"))
+    items, h = torch.tensor([3]), torch.zeros(1, 8)
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode():
+            return model.infer_step(model.input_gates(items), [h.to(model.w_hh[0].dtype)])[0]
+
+    torch.testing.assert_close(step(), _plain_step(model, items, h))
+    with torch.no_grad():
+        model.w_hh[0].mul_(0.5)  # in place: the version moves
+    torch.testing.assert_close(step(), _plain_step(model, items, h))
+    model.w_ih[0].data = torch.randn_like(model.w_ih[0])  # same object, same version
+    torch.testing.assert_close(step(), _plain_step(model, items, h))
+    model.double()  # new storage of another dtype, same objects
+    expected = _plain_step(model, items, h.double())
+    torch.testing.assert_close(step(), expected)

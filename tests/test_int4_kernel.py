@@ -129,6 +129,51 @@ def test_the_ranker_with_the_compiled_pass_answers_as_full_fp32(kernels: SimpleN
     assert [t.name for t in ranker.tiers(1)][0] == "int4"
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_compiled_bounds_cover_a_bias_rounded_in_once_per_block_of_the_sum(
+    kernels: SimpleNamespace, rows: int
+) -> None:
+    """torch's BLAS adds each block of a long sum into an output that already holds the bias
+    (from 4 rows on): a large bias is then rounded in several times (reviewer's case)."""
+    dim, n = 4096, 64
+    bias = torch.full((n,), 2.0**20)  # ulp 0.125
+    weights = torch.full((n, dim), 0.0703125)  # on the int4 grid: no quantisation error
+    int4 = Int4Pass(weights, bias, weights.norm(dim=1), kernels)
+    out = torch.zeros(rows, dim)
+    out[:, ::64] = 1.0  # 64 products of 0.56 ulp of the bias each
+    exact = torch.addmm(bias, out, weights.t())
+    for simd in (True, False):
+        assert bool((int4.native_upper(out, simd) >= exact).all())
+
+
+def test_compiled_bounds_hold_for_scores_in_the_subnormal_range(kernels: SimpleNamespace) -> None:
+    """Products below 2^-126 round with an absolute error, which no relative term covers."""
+    dim, n = 4096, 32
+    weights = torch.full((n, dim), 2.0**-80)
+    out = torch.full((1, dim), 0.6 * 2.0**-69)  # each product 0.6 * 2^-149: rounds to 2^-149
+    int4 = Int4Pass(weights, torch.zeros(n), weights.norm(dim=1), kernels)
+    exact = torch.addmm(torch.zeros(n), out, weights.t())
+    for simd in (True, False):
+        assert bool((int4.native_upper(out, simd) >= exact).all())
+
+
+def test_a_row_that_is_not_finite_gets_bounds_that_never_certify(kernels: SimpleNamespace) -> None:
+    weights, bias = hard_catalogue("clustered", 100, 64)
+    int4 = Int4Pass(weights, bias, weights.norm(dim=1), kernels)
+    out = torch.zeros(3, 64)
+    out[0, 5], out[1, 7], out[2, 9] = float("nan"), float("inf"), float("-inf")
+    for simd in (True, False):
+        assert bool(torch.isnan(int4.native_upper(out, simd)).all())
+
+
+@pytest.mark.parametrize("width", [70, 128])
+def test_outputs_of_another_width_are_refused(kernels: SimpleNamespace, width: int) -> None:
+    weights, bias = hard_catalogue("clustered", 100, 100)
+    int4 = Int4Pass(weights, bias, weights.norm(dim=1), kernels)
+    with pytest.raises(RuntimeError, match=f"x \\(1 x {width}\\).*100 units"):
+        int4.native_upper(torch.zeros(1, width))
+
+
 def test_the_compiled_kernel_refuses_misshaped_input_with_a_reason(
     kernels: SimpleNamespace,
 ) -> None:

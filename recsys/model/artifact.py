@@ -142,7 +142,7 @@ class TrainedModel:
                 items,
                 str(payload.get("dataset") or ""),
                 str(payload.get("data_fingerprint") or ""),
-                payload.get("optimizer") or None,
+                _owned(payload.get("optimizer") or None),
                 {str(k): str(v) for k, v in (payload.get("lineage") or {}).items()},
             )
         except Exception as exc:  # noqa: BLE001 - a wrong shape, config or index: a damaged file
@@ -157,6 +157,18 @@ def _packed_ids(items: ItemIndex) -> torch.Tensor | list[Any]:
     if items.numeric and all(-(2**63) <= i < 2**63 for i in items.ids):
         return torch.tensor(items.ids, dtype=torch.int64)
     return list(items.ids)
+
+
+def _owned(state: Any) -> Any:
+    """The optimiser state copied out of the memory-mapped file: kept, it would stay mapped as
+    long as the model lives, and a file rewritten in place (not replaced) would change under it."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {key: _owned(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_owned(value) for value in state)
+    return state
 
 
 def _listed(values: Any) -> Any:

@@ -214,9 +214,10 @@ class GRU4Rec(nn.Module):
         w = (self.w_ih, self.w_hh)[which][0]
         # a symbolic row count (an exporter's): no comparison, which would fix the batch size
         tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-        if tracing or not isinstance(rows, int) or rows > FEW_ROWS:
-            return w.t()
-        key = (id(w), w._version)
+        if tracing or w.is_inference() or not isinstance(rows, int) or rows > FEW_ROWS:
+            return w.t()  # (an inference tensor has no version to key a copy on)
+        # .to()/.double() and `w.data = ...` replace the storage but keep the object and version
+        key = (id(w), w._version, w.data_ptr(), w.dtype, w.device)
         cache = self.__dict__.setdefault("_inference_copies", {})
         if cache.get(which, (None,))[0] != key:
             with torch.inference_mode(False), torch.no_grad():

@@ -9,7 +9,8 @@
 // 64 weights, 8 blocks of 64 bytes whose lane i holds item i's weights d..d+3 in its low nibbles
 // and d+4..d+7 in its high ones. Bound terms (recsys/quantized.py derives them), item j, row x:
 //   s_x sum_g [s_jg (sum_k q_jk x_qk - 8 X_g) + z_jg X_g]     (X_g: the group's sum of x_q)
-//   + b_j + sum_g l1_g slack_jg + ||x - s_x x_q|| ||D_j|| + ref ||x|| ||w_j|| + absolute.
+//   + b_j + sum_g l1_g slack_jg + ||x - s_x x_q|| ||D_j|| + ref ||x|| ||w_j||
+//   + per_norm ||x|| + constant   (the reference's item-independent rounding, fp32_absolute).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -36,12 +37,12 @@ struct Rows {  // the int8 copies of the rows and their per-row and per-group te
   std::vector<int8_t> xq;    // (M, hp)
   std::vector<int32_t> sum;  // (M, G): sum of x_q over the group
   std::vector<float> l1;     // (M, G): max(||x_g||_1, s_x ||x_q,g||_1), rounded up
-  std::vector<float> sx, resid, fixed;  // (M,): scale; ||x - s_x x_q||; ref and absolute terms
+  std::vector<float> sx, resid, fixed;  // (M,): scale; ||x - s_x x_q||; the absolute terms
   std::vector<float> ref;                // (M,): ref_unit ||x||
 };
 
 Rows quantise_rows(const float* x, int64_t m, int64_t h, int64_t hp, double ref_unit,
-                   double absolute_unit, double max_norm, double max_bias) {
+                   double per_norm, double constant) {
   Rows r;
   r.hp = hp;
   r.groups = hp / kGroup;
@@ -64,7 +65,10 @@ Rows quantise_rows(const float* x, int64_t m, int64_t h, int64_t hp, double ref_
       double l1x = 0.0, l1q = 0.0;
       int32_t total = 0;
       for (int64_t k = g * kGroup; k < std::min<int64_t>((g + 1) * kGroup, h); ++k) {
-        const int32_t q = std::clamp(static_cast<int32_t>(std::nearbyint(xi[k] / sx)), -127, 127);
+        // clamped as a float: a NaN (whose row's bounds come out NaN: never certified) has no
+        // integer value to cast to
+        const float level = std::fmin(std::fmax(std::nearbyint(xi[k] / sx), -127.f), 127.f);
+        const int32_t q = static_cast<int32_t>(level);
         r.xq[i * hp + k] = static_cast<int8_t>(q);
         total += q;
         const double d = static_cast<double>(xi[k]) - static_cast<double>(sx) * q;  // exact
@@ -79,7 +83,7 @@ Rows quantise_rows(const float* x, int64_t m, int64_t h, int64_t hp, double ref_
     const double norm = std::sqrt(norm2) * up;
     r.resid[i] = static_cast<float>(std::sqrt(resid2) * up);
     r.ref[i] = static_cast<float>(ref_unit * norm * up);
-    r.fixed[i] = static_cast<float>(absolute_unit * (norm * max_norm + max_bias) * up);
+    r.fixed[i] = static_cast<float>((per_norm * norm + constant) * up);
   }
   return r;
 }
@@ -91,7 +95,8 @@ struct Tile {  // one tile's arrays, and the catalogue-wide per-item ones from i
 };
 
 // The portable path (and the reference the SIMD path is tested against): the same integer
-// sums, and the same fp32 operations in the same order.
+// sums and fp32 operations in the same order (the compiler may fuse a multiply-add on one path
+// and not the other, which only removes a rounding).
 void tile_scalar(const Tile& t, const Rows& r, int64_t row, int count, float* out) {
   for (int i = 0; i < count; ++i) {
     float acc = 0.f, bound = 0.f;
@@ -188,13 +193,12 @@ void check_layout(const torch::Tensor& t, c10::ScalarType type, const char* name
 // Whether this CPU runs the SIMD path (else int4_upper computes the same on the portable one).
 bool int4_vnni() { return vnni_supported(); }
 
-// x (M, H) float32; packed (T, G, 8, 64) uint8; scale, zero, slack (T, G, 16) float32; bias,
+// x (M, dim) float32; packed (T, G, 8, 64) uint8; scale, zero, slack (T, G, 16) float32; bias,
 // dnorm, norms (T * 16,) float32. Returns (M, n_items) upper bounds.
 torch::Tensor int4_upper(torch::Tensor x, torch::Tensor packed, torch::Tensor scale,
                          torch::Tensor zero, torch::Tensor slack, torch::Tensor bias,
-                         torch::Tensor dnorm, torch::Tensor norms, int64_t n_items,
-                         double ref_unit, double absolute_unit, double max_norm, double max_bias,
-                         bool simd) {
+                         torch::Tensor dnorm, torch::Tensor norms, int64_t n_items, int64_t dim,
+                         double ref_unit, double per_norm, double constant, bool simd) {
   check_layout(x, torch::kFloat32, "x");
   check_layout(packed, torch::kUInt8, "packed");
   for (const auto* t : {&scale, &zero, &slack, &bias, &dnorm, &norms}) {
@@ -203,8 +207,10 @@ torch::Tensor int4_upper(torch::Tensor x, torch::Tensor packed, torch::Tensor sc
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 4 && packed.size(2) == 8 && packed.size(3) == kBlock,
               "expected x (M, H) and packed (T, G, 8, 64)");
   const int64_t m = x.size(0), h = x.size(1), tiles = packed.size(0), groups = packed.size(1);
-  TORCH_CHECK(h <= groups * kGroup && n_items <= tiles * kTile && n_items > (tiles - 1) * kTile,
-              "x or n_items does not fit the packed weights");
+  TORCH_CHECK(h == dim && dim <= groups * kGroup && dim > (groups - 1) * kGroup &&
+                  n_items <= tiles * kTile && n_items > (tiles - 1) * kTile,
+              "x (", m, " x ", h, ") or n_items does not fit the packed weights (", dim,
+              " units, ", n_items, " items)");
   TORCH_CHECK(scale.numel() == tiles * groups * kTile && zero.numel() == scale.numel() &&
                   slack.numel() == scale.numel(),
               "scale, zero and slack must be (T, G, 16)");
@@ -214,8 +220,8 @@ torch::Tensor int4_upper(torch::Tensor x, torch::Tensor packed, torch::Tensor sc
   auto result = torch::empty({m, n_items}, x.options());
   // The live service answers HTTP on another thread meanwhile (torch's own ops release it too).
   pybind11::gil_scoped_release no_gil;
-  const Rows r = quantise_rows(x.data_ptr<float>(), m, h, groups * kGroup, ref_unit,
-                               absolute_unit, max_norm, max_bias);
+  const Rows r = quantise_rows(x.data_ptr<float>(), m, h, groups * kGroup, ref_unit, per_norm,
+                               constant);
   float* out = result.data_ptr<float>();
   const bool vnni = simd && vnni_supported();
   const uint8_t* pk = packed.data_ptr<uint8_t>();
@@ -238,6 +244,7 @@ torch::Tensor int4_upper(torch::Tensor x, torch::Tensor packed, torch::Tensor sc
           continue;
         }
 #endif
+        (void)vnni;
         for (int k = 0; k < rows; ++k) tile_scalar(tile, r, row + k, count, dest[k]);
       }
     }
