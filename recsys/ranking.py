@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from recsys.core.fingerprint import tensor_key
 from recsys.quantized import Bf16Pass, Int4Pass, Int8Pass, build_pass, maxima
 
 TieMode = Literal["conservative", "standard", "median"]
@@ -391,7 +392,7 @@ def ranker_for(
     weights: torch.Tensor, bias: torch.Tensor, owner: object, kernels: Kernels | None = None
 ) -> CatalogueRanker:
     """The ranker of a model's current item matrix, cached on ``owner`` until the weights change."""
-    key = (id(weights), weights._version, id(bias), bias._version)
+    key = (tensor_key(weights), tensor_key(bias))
     cached = getattr(owner, "_catalogue_ranker", None)
     if cached is None or cached[0] != key:
         cached = (key, CatalogueRanker(weights, bias, kernels))

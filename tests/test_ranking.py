@@ -11,6 +11,7 @@ from recsys.ranking import (
     CatalogueRanker,
     prefix_items,
     rank_scores,
+    ranker_for,
     target_ranks,
 )
 
@@ -231,3 +232,15 @@ def test_an_excluded_target_is_a_miss_even_in_a_catalogue_smaller_than_k(ties: s
     assert got.ranks is not None and got.ranks.tolist() == [6.0]  # k (= 5 items) + 1
     kept = rank_scores(scores.clone(), 20, exclude=[[3, 1]], targets=torch.tensor([4]), ties=ties)
     assert kept.ranks is not None and kept.ranks.tolist() == [1.0]
+
+
+def test_the_cached_ranker_follows_its_weights_through_a_replaced_data_tensor() -> None:
+    """``param.data = ...`` keeps the object and its version: the cache must see the storage."""
+    gen = torch.Generator().manual_seed(9)
+    weights = torch.nn.Parameter(torch.randn(100, 8, generator=gen))
+    bias, owner = torch.zeros(100), type("Owner", (), {})()
+    first = ranker_for(weights, bias, owner)
+    assert ranker_for(weights, bias, owner) is first  # unchanged weights: the same ranker
+    weights.data = torch.randn(100, 8, generator=gen)
+    second = ranker_for(weights, bias, owner)
+    assert second is not first and torch.equal(second.weights, weights.detach())

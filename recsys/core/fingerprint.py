@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Any
 
 
 def digest(chunks: Iterable[bytes]) -> str:
@@ -16,3 +17,11 @@ def digest(chunks: Iterable[bytes]) -> str:
     for chunk in chunks:
         h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def tensor_key(tensor: Any) -> tuple[Any, ...]:
+    """Which contents a tensor holds now, without reading them, for caches of what is derived
+    from weights (the ranker's low-bit copies, a click's transposed weights): in-place writes
+    move its version; ``.to()``, ``.double()`` and ``t.data = ...`` keep the object and the
+    version but replace the storage."""
+    return (id(tensor), tensor.data_ptr(), tensor.dtype, tensor.device, tensor._version)

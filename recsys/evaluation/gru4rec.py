@@ -11,6 +11,7 @@ import torch
 from recsys.evaluation.scorer import SessionScorer
 from recsys.model.artifact import TrainedModel
 from recsys.model.gru4rec import GRU4Rec
+from recsys.model.kernels import ranking_kernels
 from recsys.ranking import (
     Boost,
     CatalogueRanker,
@@ -43,7 +44,7 @@ class GRU4RecScorer(SessionScorer):
     @property
     def ranker(self) -> CatalogueRanker:
         """The network's catalogue ranker (cached on it by ``recsys.ranking.ranker_for``)."""
-        return ranker_for(self.model.item_out, self.model.item_bias, self.model)
+        return ranker_for(self.model.item_out, self.model.item_bias, self.model, ranking_kernels)
 
     def boost(self, out: torch.Tensor, prefixes: Sequence[np.ndarray]) -> Boost | None:
         """What the ranking adds to the catalogue scores after each prefix: the network's

@@ -24,6 +24,7 @@ from torch import nn
 
 from recsys.config import ModelConfig
 from recsys.core.errors import RecsysError
+from recsys.core.fingerprint import tensor_key
 from recsys.model.cells import GATES, cell_from_gates, output_part, recurrent, state_width
 from recsys.model.cells import with_output as _with_output
 from recsys.model.matmul import linear
@@ -216,8 +217,7 @@ class GRU4Rec(nn.Module):
         tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
         if tracing or w.is_inference() or not isinstance(rows, int) or rows > FEW_ROWS:
             return w.t()  # (an inference tensor has no version to key a copy on)
-        # .to()/.double() and `w.data = ...` replace the storage but keep the object and version
-        key = (id(w), w._version, w.data_ptr(), w.dtype, w.device)
+        key = tensor_key(w)
         cache = self.__dict__.setdefault("_inference_copies", {})
         if cache.get(which, (None,))[0] != key:
             with torch.inference_mode(False), torch.no_grad():
