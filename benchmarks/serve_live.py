@@ -189,8 +189,8 @@ def bench_serve_live(quick: bool) -> list[dict[str, Any]]:
             result = load(port, makers_for("d"), saturation_s)
             rows.append(_row(f"(d) live service, {clients} closed-loop clients", result, note))
             paced = load(port, makers_for("e"), paced_s, PACE_S)
-            label = f"(e) live service, {clients} clients x 1 click/{PACE_S * 1e3:.0f} ms"
-            rows.append(_row(f"{label}, {paced_s:.0f} s", paced, note))
+            label = f"live service, {clients} clients x 1 click/{PACE_S * 1e3:.0f} ms"
+            rows.append(_row(f"(e) {label}, {paced_s:.0f} s", paced, note))
             swap: dict[str, Any] = {}
 
             def roll_over() -> None:
