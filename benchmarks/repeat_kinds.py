@@ -25,7 +25,6 @@ from recsys.evaluation.baselines import make_baseline
 from recsys.evaluation.gru4rec import GRU4RecScorer
 from recsys.evaluation.harness import prediction_batches, test_sessions
 from recsys.evaluation.scorer import SessionScorer
-from recsys.model.readout import RepeatReadout
 
 KINDS = ("just clicked", "earlier", "new")
 GRID = [(w0, c, lam) for w0 in (1.0, 1.5) for c in (0.5, 0.8) for lam in (0.8, 0.95)]
@@ -73,23 +72,12 @@ def main(directory: Path) -> None:
     print(
         f"readout as trained: lambda {trained:.3f}, tau {readout.log_temperature.exp().item():.3f}"
     )
-    original = RepeatReadout.recency
-    try:
-        for w0, c, lam in GRID:
-            weights = torch.tensor([w0] + [c * lam**a for a in range(readout.window - 1)])
-            RepeatReadout.recency = _fixed_recency(weights)  # type: ignore[method-assign]
-            report(f"w0 {w0} c {c} lambda {lam}", ranks(gru, sessions), kinds)
-    finally:
-        RepeatReadout.recency = original  # type: ignore[method-assign]
-
-
-def _fixed_recency(weights: torch.Tensor):  # noqa: ANN202
-    def recency(self: RepeatReadout, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        cand = items.unsqueeze(0) if items.dim() == 1 else items
-        match = history.unsqueeze(2) == cand.unsqueeze(1)  # (B, L, C)
-        return torch.einsum("blc,l->bc", match.to(weights.dtype), weights)
-
-    return recency
+    for w0, c, lam in GRID:
+        weights = torch.tensor([w0] + [c * lam**a for a in range(readout.window - 1)])
+        # for this pass, an instance attribute over the method: the grid's weights, not λ^age
+        readout.age_weights = lambda n, device, w=weights: w[:n].to(device)  # type: ignore[method-assign]
+        report(f"w0 {w0} c {c} lambda {lam}", ranks(gru, sessions), kinds)
+    del readout.age_weights  # the trained weights again
 
 
 if __name__ == "__main__":

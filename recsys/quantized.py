@@ -33,13 +33,20 @@ def pad_to(size: int, multiple: int) -> int:
     return -(-size // multiple) * multiple
 
 
-def fp32_absolute(dim: int, l2: float, max_norm: float, max_bias: float) -> float:
-    """The rounding of an fp32 reference score not relative to the item's own terms: its last
-    additions (``4u ||x|| max||w||``); the bias, which a blocked BLAS sum rounds in once per
-    block (``addmm`` over 4+ rows: 7 ulps of b measured at H = 4096), at most ``(2H + 4) u
-    max|b|``; and products in the subnormal range, ``(2H + 16) 2^-150``."""
+def fp32_absolute_terms(dim: int, max_norm: float, max_bias: float) -> tuple[float, float]:
+    """The rounding of an fp32 reference score not relative to the item's own terms, as (per
+    unit of ||x||, constant): its last additions (``4u ||x|| max||w||``); the bias, which a
+    blocked BLAS sum rounds in once per block (``addmm`` over 4+ rows: 7 ulps of b measured at
+    H = 4096), at most ``(2H + 4) u max|b|``; and products in the subnormal range,
+    ``(2H + 16) 2^-150``. The compiled int4 pass takes the two terms apart."""
     u = FP32_UNIT
-    return 4 * u * l2 * max_norm + (2 * dim + 4) * u * max_bias + (2 * dim + 16) * 2.0**-150
+    return 4 * u * max_norm, (2 * dim + 4) * u * max_bias + (2 * dim + 16) * 2.0**-150
+
+
+def fp32_absolute(dim: int, l2: float, max_norm: float, max_bias: float) -> float:
+    """``fp32_absolute_terms`` for a row of norm ``l2``."""
+    per_norm, constant = fp32_absolute_terms(dim, max_norm, max_bias)
+    return per_norm * l2 + constant
 
 
 def maxima(norms: torch.Tensor, bias: torch.Tensor) -> tuple[float, float]:
@@ -166,9 +173,7 @@ class Int4Pass:
             self.n_items,
             self.dim,
             2 * self.dim * FP32_UNIT,  # the reference's fp32 sums, as below
-            # fp32_absolute's terms: per unit of ||x|| and the rest
-            4 * FP32_UNIT * self.max_norm,
-            fp32_absolute(self.dim, 0.0, self.max_norm, self.max_bias),
+            *fp32_absolute_terms(self.dim, self.max_norm, self.max_bias),
             simd,
         )
 
@@ -185,6 +190,7 @@ class Int4Pass:
         groups = (len(probe), -1, INT4_GROUP)
         l1 = torch.maximum(x.abs().view(groups).sum(2), xq.abs().view(groups).sum(2) * sx)
         resid, l2 = (x - xq * sx).norm(dim=1, keepdim=True), probe.norm(dim=1, keepdim=True)
+        per_norm, constant = fp32_absolute_terms(self.dim, self.max_norm, self.max_bias)
         slack = self.layout[3].permute(0, 2, 1).reshape(-1, l1.shape[1])[: self.n_items]
         expected = (
             (xq * sx) @ dequantised[: self.n_items].t()
@@ -192,8 +198,8 @@ class Int4Pass:
             + l1 @ slack.t()
             + resid * self.d_norms
             + 2 * self.dim * FP32_UNIT * l2 * self.norms
-            + 4 * FP32_UNIT * self.max_norm * l2
-            + fp32_absolute(self.dim, 0.0, self.max_norm, self.max_bias)
+            + per_norm * l2
+            + constant
         )
         scale = float(l2.max()) * float(self.d_norms.max()) + self.max_bias + 1.0
         exact = torch.addmm(self.bias, probe, weights.t())

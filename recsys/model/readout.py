@@ -54,9 +54,13 @@ class RepeatReadout(nn.Module):
         """Σ_t λ^age [history_t = item] for every row's ``items`` (B, C), or shared items (C,)."""
         cand = items.unsqueeze(0) if items.dim() == 1 else items
         match = history.unsqueeze(2) == cand.unsqueeze(1)  # (B, L, C)
-        ages = torch.arange(match.shape[1], device=match.device, dtype=torch.float32)
-        weights = torch.sigmoid(self.decay_logit) ** ages  # (L,)
+        weights = self.age_weights(match.shape[1], match.device)
         return torch.einsum("blc,l->bc", match.to(weights.dtype), weights)
+
+    def age_weights(self, length: int, device: torch.device) -> torch.Tensor:
+        """λ^age for the history positions 0 .. length - 1, most recent first: (L,)."""
+        ages = torch.arange(length, device=device, dtype=torch.float32)
+        return torch.sigmoid(self.decay_logit) ** ages
 
     def bonus(self, out: torch.Tensor, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The additive score of ``items`` (B, C) or (C,) for each row of ``out`` (B, H)."""
