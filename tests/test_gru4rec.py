@@ -38,6 +38,30 @@ def test_cross_entropy_logq_shifts_every_column() -> None:
     assert float(cross_entropy(SCORES, shift)) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("with_shift", [False, True])
+@pytest.mark.parametrize("skipped", [[1], [0, 3], [0, 1, 2, 3], []])
+def test_skipped_slots_give_the_cross_entropy_of_the_matrix_without_them(
+    with_shift: bool, skipped: list[int]
+) -> None:
+    """Masking the held-out slots (rows and their in-batch columns) is the loss of the smaller
+    matrix, in value and in gradient; with every slot skipped it is 0 and teaches nothing."""
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(4, 9, generator=gen, dtype=torch.float64) * 3
+    shift = torch.randn(9, generator=gen, dtype=torch.float64) if with_shift else None
+    skip = torch.zeros(4, dtype=torch.bool)
+    skip[skipped] = True
+    kept = torch.nonzero(~skip).squeeze(1)
+    cols = torch.cat((kept, torch.arange(4, 9)))
+    masked_in, sub_in = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+    masked = cross_entropy(masked_in, shift, skip)
+    sub = cross_entropy(sub_in[kept][:, cols], None if shift is None else shift[cols])
+    torch.testing.assert_close(masked, sub)
+    masked.backward()
+    sub.backward()
+    torch.testing.assert_close(masked_in.grad, sub_in.grad)
+    assert torch.isfinite(masked_in.grad).all()  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("elu", [0.0, 1.0])
 def test_bpr_max_by_hand(elu: float) -> None:
     bpreg = 0.7

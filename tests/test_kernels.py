@@ -17,6 +17,8 @@ from recsys.model.gru4rec import GRU4Rec, gru_cell_from_gates, inverted_dropout
 from recsys.model.kernels import native_kernels
 from recsys.model.losses import bpr_max
 from recsys.model.optimizer import RowAdagradM
+from recsys.model.readout import GATE_INIT, NO_ITEM, RepeatReadout
+from recsys.training.readout_loss import SampledPartition, readout_loss
 from tests.conftest import skip_or_fail_in_ci
 from tests.helpers import deterministic_log, small_train_config
 
@@ -134,6 +136,59 @@ def test_native_dropout_draws_its_seed_from_torch(kernels: ModuleType) -> None:
     assert torch.equal(a, b) and not torch.equal(b, c)
 
 
+def _readout_step(rows: int, seed: int) -> tuple[tuple[torch.Tensor, ...], RepeatReadout]:
+    """The first ``rows`` of a readout's loss inputs for 7 slots: a short session, repeats, a
+    target in the history and others not, gates nearly closed and far open."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.randn(7, 8, generator=gen)
+    out[4:] *= 40.0  # gates far open: x = g f on both sides of log(e^x - 1)'s switch at 20
+    out = out[:rows]
+    history = torch.randint(0, 9, (7, 6), generator=gen)
+    history[0, 2:] = NO_ITEM  # a short session
+    history[1] = torch.tensor([4, 4, 2, 4, 7, 2])  # repeats
+    targets = torch.randint(0, 12, (7,), generator=gen)
+    targets[0] = history[0, 1]  # the target in the history
+    history, targets = history[:rows], targets[:rows]
+    samples = torch.randint(0, 12, (50,), generator=gen)
+    scores = torch.randn(7, 12, generator=gen)[:rows] * 3
+    readout = RepeatReadout(8, window=6)
+    with torch.no_grad():
+        for p in readout.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    step = (
+        out,
+        scores.gather(1, targets.unsqueeze(1)).squeeze(1),
+        (scores[:, samples], samples),
+        scores.gather(1, history.clamp_min(0)),
+        history,
+        targets,
+    )
+    return step, readout
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7])
+def test_readout_kernel_equals_the_torch_likelihood_and_gradient(
+    kernels: ModuleType, rows: int
+) -> None:
+    partition = SampledPartition(torch.arange(1.0, 13.0), 0.5, torch.device("cpu"))
+    results = []
+    for module in (kernels, None):
+        (out, target_scores, negatives, hist_scores, history, targets), readout = _readout_step(
+            rows, seed=5
+        )
+        loss = readout_loss(
+            readout, partition, out, target_scores, negatives, hist_scores, history, targets, module
+        )
+        (loss * 0.5).backward()
+        results.append((float(loss.detach()), {n: p.grad for n, p in readout.named_parameters()}))
+    (native, native_grads), (reference, reference_grads) = results
+    assert native == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    for name, grad in reference_grads.items():
+        assert grad is not None and native_grads[name] is not None, name
+        assert torch.allclose(native_grads[name], grad, rtol=1e-4, atol=1e-6), name
+        assert rows == 0 or float(grad.abs().sum()) > 0, name
+
+
 @pytest.mark.parametrize(
     ("layers", "embedding"), [([24], "shared"), ([16, 12], "separate"), ([16, 12], "none")]
 )
@@ -235,3 +290,25 @@ def test_a_live_build_elsewhere_is_waited_for(
         fcntl.flock(other, fcntl.LOCK_UN)
     assert built.wait(10.0)
     waiter.join(10.0)
+
+
+def test_native_and_torch_training_with_the_readout_agree(kernels: ModuleType) -> None:
+    """Cross-entropy steps with the repeat readout and held-out sessions: the compiled likelihood
+    trains the readout (and leaves the network) as the torch ops do."""
+    from recsys.config import ModelConfig
+    from recsys.data.batching import session_arrays
+    from recsys.training.trainer import Trainer, item_support
+
+    log = deterministic_log()
+    model_cfg = ModelConfig(layers=[16], readout="repeat", repeat_window=4, repeat_holdout=0.3)
+    weights = []
+    for setting in ("native", "torch"):
+        cfg = small_train_config(loss="cross-entropy", n_sample=8, max_steps=6, kernels=setting)
+        torch.manual_seed(0)
+        model = GRU4Rec(30, model_cfg, seed=0)
+        trainer = Trainer(model, cfg, item_support(log, 30), torch.device("cpu"))
+        trainer.run_epoch(session_arrays(log), 0)
+        weights.append(model.state_dict())
+    assert float(weights[0]["readout.gate_b"]) != GATE_INIT  # the readout learned in these steps
+    for name in weights[0]:
+        assert torch.allclose(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-6), name

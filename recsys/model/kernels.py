@@ -11,7 +11,8 @@ compiler through ``torch.utils.cpp_extension`` into a cache keyed by the source,
 versions, so the ~30 s build happens once per machine. Where it cannot be built, ``auto`` falls
 back to torch ops with a note. ``kernels_int4.cpp`` holds the int4 catalogue pass
 (``recsys.quantized.Int4Pass``), which the serving layer hands to the ranker
-(``ranking_kernels``); without it the ranker uses torch's int4 kernel.
+(``ranking_kernels``); without it the ranker uses torch's int4 kernel. ``kernels_readout.cpp``
+holds the repeat readout's likelihood and gradient (``recsys.training.readout_loss``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ import torch
 
 from recsys.core.errors import RecsysError
 
-SOURCES = (Path(__file__).with_name("kernels.cpp"), Path(__file__).with_name("kernels_int4.cpp"))
+SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("kernels.cpp", "kernels_int4.cpp", "kernels_readout.cpp")
+)
 NAME = "recsys_kernels"
 
 
@@ -108,6 +112,7 @@ def _load() -> ModuleType | str:
                     "gru_cell_backward",
                     "int4_upper",
                     "int4_vnni",
+                    "readout_nll",
                 ],
                 # no FP traps: lets the compiler vectorise loops with selects (our exp, ELU)
                 extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],

@@ -17,13 +17,23 @@ import torch.nn.functional as F
 _TINY = 1e-24
 
 
-def cross_entropy(scores: torch.Tensor, logq_shift: torch.Tensor | None = None) -> torch.Tensor:
+def cross_entropy(
+    scores: torch.Tensor,
+    logq_shift: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Softmax cross-entropy of the diagonal; ``logq_shift`` (B + n_sample,) is subtracted from
-    every column's score to undo the popularity bias of the sampled negatives (logQ correction)."""
+    every column's score to undo the popularity bias of the sampled negatives (logQ correction).
+    ``skip`` (B,) bool: slots left out, as rows and as in-batch negatives, by masking; the loss of
+    the sub-matrix without them, without copying it (the repeat readout's held-out sessions)."""
+    if skip is not None:
+        b = len(skip)
+        shift = logq_shift if logq_shift is not None else scores.new_zeros(scores.shape[1])
+        logq_shift = torch.cat((shift[:b].masked_fill(skip, float("inf")), shift[b:]))
     if logq_shift is not None:
         scores = scores - logq_shift
-    logp = torch.log_softmax(scores, dim=1)  # (B, B + n_sample)
-    return -torch.diagonal(logp).sum()
+    logp = torch.diagonal(torch.log_softmax(scores, dim=1))  # (B,) of the (B, B + n_sample)
+    return -(logp if skip is None else logp.masked_fill(skip, 0.0)).sum()
 
 
 def _negative_weights(scores: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,11 @@ negatives and, exactly and with their bonus, the slot's other history items.
 from __future__ import annotations
 
 import math
+from types import ModuleType
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from recsys.model.gru4rec import GRU4Rec
 from recsys.model.readout import RepeatReadout
@@ -69,24 +72,118 @@ def readout_loss(
     history_scores: torch.Tensor,
     history: torch.Tensor,
     targets: torch.Tensor,
+    kernels: ModuleType | None = None,
 ) -> torch.Tensor:
     """Summed negative log-likelihood of the targets under (s + b) / τ, differentiable in the
     readout's parameters only (τ included). ``out`` (B, H), ``target_scores`` (B,), ``negatives`` (the
     (B, n) scores of n sampled items and the items) and ``history_scores`` (B, L, the catalogue
-    scores of ``history``) arrive detached."""
-    a = torch.exp(-readout.log_temperature)  # 1 / τ
-    log_z = partition(negatives[0], negatives[1], a)  # (B,)
-    items, bonus = readout.boost(out, history)  # (B, L): distinct history items, their bonus
-    target_bonus = readout.bonus(out, history, targets.unsqueeze(1)).squeeze(1)  # (B,)
-    # log(Z_a + Σ_H e^{a s_j} (e^{a b_j} - 1)) as one logsumexp; every term is >= 0 (b >= 0), so
-    # no estimate error can make the sum negative. Empty and repeated history positions (bonus
-    # 0) take no part: their log-term is -inf, computed from a placeholder so that no 0/0
-    # enters the gradient.
-    empty = items < 0
-    log_terms = a * history_scores + _log_expm1((a * bonus).masked_fill(empty, 1.0))
-    log_terms = log_terms.masked_fill(empty, float("-inf"))
-    log_denominator = torch.logsumexp(torch.cat((log_z.unsqueeze(1), log_terms), 1), 1)
-    return (log_denominator - a * (target_bonus + target_scores)).sum()
+    scores of ``history``) arrive detached. ``kernels`` (``recsys.model.kernels``): the same
+    arithmetic in one compiled pass, for float32 on a CPU."""
+    shift = partition.shift.index_select(0, negatives[1])
+    offset = partition.log_total - math.log(len(negatives[1]))
+    return _ReadoutLikelihood.apply(  # type: ignore[no-any-return]
+        out,
+        target_scores,
+        negatives[0],
+        shift,
+        offset,
+        history_scores,
+        history,
+        targets,
+        readout.gate_w,
+        readout.gate_b,
+        readout.decay_logit,
+        readout.log_temperature,
+        kernels if out.dtype == torch.float32 and out.device.type == "cpu" else None,
+    )
+
+
+class _ReadoutLikelihood(torch.autograd.Function):
+    """``readout_loss`` with its gradient written out, computed in the forward pass.
+
+    The head has four small parameters and reads ~a dozen (R, L) tensors per step, so autograd
+    through the composition cost more than the network's own step on small settings (0.9 ms of
+    a 4 ms step at 100 units, batch 32): per-op overhead, not arithmetic. Here it is one node.
+
+    With a = 1/τ, x_l = a b_l = g f_l (f = log(1 + Σ λ^age [match])), the per-row loss is
+    D - a s_t - g f_t with D = log(Z_a + Σ_H e^{a s_l} (e^{x_l} - 1)). Writing p_0 = Z_a / e^D
+    and π_l = e^{a s_l + x_l - D} (the history term's weight times d log(e^x - 1)/dx):
+    ∂/∂a = p_0 E_q[s] + Σ p_l s_l - s_t,  ∂/∂g = Σ π_l f_l - f_t,
+    ∂/∂λ = g (Σ π_l f_l' - f_t'),  and the chain rule to u, c (g = softplus(u·h + c)),
+    θ (λ = σ(θ)) and log τ (a = e^{-log τ}). The tests hold it to finite differences.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        out: torch.Tensor,
+        target_scores: torch.Tensor,
+        sample_scores: torch.Tensor,
+        shift: torch.Tensor,
+        offset: float,
+        history_scores: torch.Tensor,
+        history: torch.Tensor,
+        targets: torch.Tensor,
+        gate_w: torch.Tensor,
+        gate_b: torch.Tensor,
+        decay_logit: torch.Tensor,
+        log_temperature: torch.Tensor,
+        kernels: ModuleType | None,
+    ) -> torch.Tensor:
+        if kernels is not None:  # kernels_readout.cpp: the arithmetic below, one call
+            loss, *grads = kernels.readout_nll(
+                *(t.contiguous() for t in (out, target_scores, sample_scores, shift)),
+                offset,
+                *(t.contiguous() for t in (history_scores, history, targets)),
+                *(p.detach() for p in (gate_w, gate_b, decay_logit, log_temperature)),
+            )
+            ctx.save_for_backward(*grads)
+            return loss  # type: ignore[no-any-return]
+        a = torch.exp(-log_temperature)  # (1,)
+        pre = torch.addmv(gate_b, out, gate_w)  # (R,)
+        g, dg = F.softplus(pre), torch.sigmoid(pre)
+        lam = torch.sigmoid(decay_logit)
+        window = history.shape[1]
+        ages = torch.arange(window, device=out.device, dtype=out.dtype)
+        powers = lam**ages
+        weights = torch.stack((powers, ages * powers / lam), 1)  # (L, 2): λ^age, d/dλ
+        same = history.unsqueeze(2) == history.unsqueeze(1)  # (R, L, L)
+        earlier = torch.ones(window, window, dtype=torch.bool, device=out.device).tril(-1)
+        keep = (history >= 0) & ~(same & earlier).any(2)  # distinct, most recent position
+        # counts and their λ-slope at every history position (rows 0..L-1) and the target (L)
+        match = torch.cat((same, (history == targets.unsqueeze(1)).unsqueeze(1)), 1)
+        counts = match.to(out.dtype) @ weights  # (R, L + 1, 2)
+        f = torch.log1p(counts[..., 0])  # (R, L + 1)
+        f_slope = counts[..., 1] / (1.0 + counts[..., 0])
+        x = (g.unsqueeze(1) * f[:, :window]).clamp_min(1e-30)  # a · bonus, > 0
+        weighted = a * sample_scores - shift  # (R, n)
+        log_z = torch.logsumexp(weighted, 1, keepdim=True)
+        scaled = a * history_scores
+        log_terms = scaled + torch.where(x > 20.0, x + torch.log1p(-torch.exp(-x)), x.expm1().log())
+        log_terms = log_terms.masked_fill(~keep, float("-inf"))
+        log_d = torch.logsumexp(torch.cat((log_z + offset, log_terms), 1), 1, keepdim=True)
+        loss = log_d.squeeze(1) - a * target_scores - g * f[:, window]
+        p_z = torch.exp(log_z + offset - log_d).squeeze(1)  # (R,)
+        p = torch.exp(log_terms - log_d)  # (R, L)
+        pi = torch.exp(scaled + x - log_d).masked_fill(~keep, 0.0)
+        mean_q = (torch.softmax(weighted, 1) * sample_scores).sum(1)  # E_q[s] = ∂ log Z_a/∂a
+        d_a = p_z * mean_q + (p * history_scores).sum(1) - target_scores
+        f_t, slope_t = f[:, window], f_slope[:, window]
+        d_g = (pi * f[:, :window]).sum(1) - f_t
+        d_lam = g * ((pi * f_slope[:, :window]).sum(1) - slope_t)
+        d_pre = d_g * dg
+        ctx.save_for_backward(
+            out.t() @ d_pre,
+            d_pre.sum().reshape(1),
+            (d_lam.sum() * lam * (1.0 - lam)).reshape(1),
+            -(d_a.sum() * a).reshape(1),
+        )
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        d_w, d_b, d_decay, d_temp = ctx.saved_tensors
+        return (None,) * 8 + (grad * d_w, grad * d_b, grad * d_decay, grad * d_temp, None)
 
 
 def ranking_readout_loss(
@@ -124,15 +221,17 @@ def step_readout_loss(
     targets: torch.Tensor,
     rows: torch.Tensor,
     ranking: bool = False,
+    kernels: ModuleType | None = None,
 ) -> torch.Tensor:
     """The readout's loss in a training step, on the slots ``rows``: ``out`` (B, H) and
     ``scores`` (B, B + n) as the step computed them (they are detached here), ``history``
     (B, L), ``targets`` (B,). ``ranking``: the BPR-max head (for networks trained by a ranking
-    loss) instead of the likelihood."""
+    loss) instead of the likelihood; ``kernels``: the likelihood's compiled pass."""
     readout = model.readout
     assert readout is not None
     b = len(targets)
-    out, scores, history = out.detach()[rows], scores.detach()[rows], history[rows]
+    out, scores = out.detach().index_select(0, rows), scores.detach().index_select(0, rows)
+    history = history.index_select(0, rows)
     with torch.no_grad():
         items = history.clamp_min(0)  # (R, L)
         hist_scores = torch.einsum("rlh,rh->rl", model.item_out[items], out)
@@ -146,13 +245,13 @@ def step_readout_loss(
             readout, out, target_scores, columns, hist_scores, history, targets[rows]
         )
     return readout_loss(
-        readout, partition, out, target_scores, negatives, hist_scores, history, targets[rows]
+        readout,
+        partition,
+        out,
+        target_scores,
+        negatives,
+        hist_scores,
+        history,
+        targets[rows],
+        kernels,
     )
-
-
-def _log_expm1(x: torch.Tensor) -> torch.Tensor:
-    """log(e^x - 1) for x > 0 without overflow (large x), cancellation or a 0/0 gradient
-    (x so small, or a gate so closed, that it rounds to 0)."""
-    large = x > 20.0
-    small = torch.log(torch.expm1(x.clamp(1e-30, 20.0)))
-    return torch.where(large, x + torch.log1p(-torch.exp(-x.clamp_min(20.0))), small)

@@ -108,7 +108,13 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------
 
-    def _loss(self, scores: torch.Tensor, out_idx: torch.Tensor, n_targets: int) -> torch.Tensor:
+    def _loss(
+        self,
+        scores: torch.Tensor,
+        out_idx: torch.Tensor,
+        n_targets: int,
+        skip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         cfg = self.config
         if self.loss_name == "cross-entropy":
             shift = None
@@ -116,7 +122,7 @@ class Trainer:
                 logp = self.log_pop[out_idx].clone()  # (B + n_sample,)
                 logp[n_targets:] *= cfg.sample_alpha
                 shift = cfg.logq * logp
-            return cross_entropy(scores, shift)
+            return cross_entropy(scores, shift, skip)
         if self.loss_name == "bpr-max":
             return bpr_max(scores, cfg.bpreg, cfg.elu_param, self.kernels)
         return top1_max(scores)
@@ -150,12 +156,16 @@ class Trainer:
         scores = distinct.index_select(1, leaves.out_inv)  # (B, B + n_sample)
         if held is None:
             loss = self._loss(scores, out_idx, b) / self.config.batch_size
+        elif self.loss_name == "cross-entropy":  # the held-out slots masked, not copied out
+            loss = self._loss(scores, out_idx, b, skip=held) / self.config.batch_size
         else:  # the network's loss without the held-out slots, as rows and as positives
             rows = torch.nonzero(~held).squeeze(1)
             cols = torch.cat((rows, torch.arange(b, len(out_idx), device=rows.device)))
             loss = scores.sum() * 0.0  # no slot of the network's in this step
             if len(rows):
-                loss = self._loss(scores[rows][:, cols], out_idx[cols], len(rows))
+                kept = scores.index_select(0, rows).index_select(1, cols)  # not [rows][:, cols]:
+                # index_select's backward is an index_add, advanced indexing's a sorting index_put
+                loss = self._loss(kept, out_idx[cols], len(rows))
             loss = loss / self.config.batch_size
         if model.readout is not None:
             assert history is not None
@@ -172,6 +182,7 @@ class Trainer:
                     targets,
                     mine.view(-1),
                     ranking=self.loss_name != "cross-entropy",
+                    kernels=self.kernels,
                 )
                 / self.config.batch_size
             )
