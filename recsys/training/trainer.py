@@ -154,38 +154,24 @@ class Trainer:
         # cheaper than gathering (B + n_sample, H) item vectors, forward and backward.
         distinct = linear(out, leaves.item_rows, leaves.bias_rows, self.bf16)  # (B, U)
         scores = distinct.index_select(1, leaves.out_inv)  # (B, B + n_sample)
-        if held is None:
-            loss = self._loss(scores, out_idx, b) / self.config.batch_size
-        elif self.loss_name == "cross-entropy":  # the held-out slots masked, not copied out
-            loss = self._loss(scores, out_idx, b, skip=held) / self.config.batch_size
+        if held is None or self.loss_name == "cross-entropy":  # held-out slots masked there
+            loss = self._loss(scores, out_idx, b, held) / self.config.batch_size
         else:  # the network's loss without the held-out slots, as rows and as positives
             rows = torch.nonzero(~held).squeeze(1)
             cols = torch.cat((rows, torch.arange(b, len(out_idx), device=rows.device)))
             loss = scores.sum() * 0.0  # no slot of the network's in this step
             if len(rows):
-                kept = scores.index_select(0, rows).index_select(1, cols)  # not [rows][:, cols]:
-                # index_select's backward is an index_add, advanced indexing's a sorting index_put
+                # not [rows][:, cols]: index_select's backward is an index_add, not an index_put
+                kept = scores.index_select(0, rows).index_select(1, cols)
                 loss = self._loss(kept, out_idx[cols], len(rows))
             loss = loss / self.config.batch_size
         if model.readout is not None:
             assert history is not None
             mine = torch.arange(b, device=out.device) if held is None else torch.nonzero(held)
-            loss = (
-                loss
-                + step_readout_loss(
-                    model,
-                    self.partition,
-                    out,
-                    scores,
-                    samples,
-                    history,
-                    targets,
-                    mine.view(-1),
-                    ranking=self.loss_name != "cross-entropy",
-                    kernels=self.kernels,
-                )
-                / self.config.batch_size
-            )
+            step = (model, self.partition, out, scores, samples, history, targets, mine.view(-1))
+            ranking = self.loss_name != "cross-entropy"
+            head = step_readout_loss(*step, ranking=ranking, kernels=self.kernels)
+            loss = loss + head / self.config.batch_size
         loss.backward()
         if self.window is not None:
             self.window.measure(held)
