@@ -77,7 +77,7 @@ std::vector<torch::Tensor> readout_nll(torch::Tensor out, torch::Tensor target_s
     power[l] = std::pow(lam, static_cast<double>(l));
     slope[l] = l == 0 ? 0.0 : l * std::pow(lam, static_cast<double>(l - 1));
   }
-  std::vector<double> d_w(h, 0.0), f(window), f_slope(window), term(window);
+  std::vector<double> d_w(h, 0.0), f(window), f_slope(window), x(window), term(window);
   std::vector<char> keep(window);
   double loss = 0.0, d_c = 0.0, d_lam = 0.0, d_a = 0.0;
   const double minus_inf = -std::numeric_limits<double>::infinity();
@@ -123,8 +123,8 @@ std::vector<torch::Tensor> readout_nll(torch::Tensor out, torch::Tensor target_s
       }
       f[l] = std::log1p(count);
       f_slope[l] = count_slope / (1.0 + count);
-      const double x = std::max(g * f[l], 1e-30);
-      term[l] = a * hsr[l] + log_expm1(x);
+      x[l] = std::max(g * f[l], 1e-30);
+      term[l] = a * hsr[l] + log_expm1(x[l]);
       const double hi = std::max(log_d, term[l]);
       log_d = hi + std::log(std::exp(log_d - hi) + std::exp(term[l] - hi));
     }
@@ -134,8 +134,7 @@ std::vector<torch::Tensor> readout_nll(torch::Tensor out, torch::Tensor target_s
     double dg_r = -f_t, dlam_r = -slope_t / (1.0 + count_t);
     for (int64_t l = 0; l < window; ++l) {
       if (!keep[l]) continue;
-      const double x = std::max(g * f[l], 1e-30);
-      const double pi = std::exp(a * hsr[l] + x - log_d);  // weight x d log(e^x - 1)/dx
+      const double pi = std::exp(a * hsr[l] + x[l] - log_d);  // weight x d log(e^x - 1)/dx
       da_r += std::exp(term[l] - log_d) * hsr[l];
       dg_r += pi * f[l];
       dlam_r += pi * f_slope[l];

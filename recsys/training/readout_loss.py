@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from recsys.model.gru4rec import GRU4Rec
-from recsys.model.readout import RepeatReadout
+from recsys.model.readout import NO_ITEM, RepeatReadout, distinct_history
 
 NEG = -1e30  # a masked negative: weight 0 in the softmax, yet no NaN when a row has none left
 
@@ -59,8 +59,13 @@ class SampledPartition:
         self, sample_scores: torch.Tensor, samples: torch.Tensor, scale: torch.Tensor | float = 1.0
     ) -> torch.Tensor:
         """(B, n) scores of the n shared samples -> (B,) estimates of log Σ_all e^{scale · s}."""
-        weighted = scale * sample_scores - self.shift.index_select(0, samples)
-        return torch.logsumexp(weighted, 1) + self.log_total - math.log(len(samples))
+        shift, offset = self.weights(samples)
+        return torch.logsumexp(scale * sample_scores - shift, 1) + offset
+
+    def weights(self, samples: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The draw's log importance weights, as (log pop^α per sample (n,), log P - log n):
+        log Z ≈ logsumexp(s - shift) + offset."""
+        return self.shift.index_select(0, samples), self.log_total - math.log(len(samples))
 
 
 def readout_loss(
@@ -79,8 +84,7 @@ def readout_loss(
     (B, n) scores of n sampled items and the items) and ``history_scores`` (B, L, the catalogue
     scores of ``history``) arrive detached. ``kernels`` (``recsys.model.kernels``): the same
     arithmetic in one compiled pass, for float32 on a CPU."""
-    shift = partition.shift.index_select(0, negatives[1])
-    offset = partition.log_total - math.log(len(negatives[1]))
+    shift, offset = partition.weights(negatives[1])
     return _ReadoutLikelihood.apply(  # type: ignore[no-any-return]
         out,
         target_scores,
@@ -147,10 +151,9 @@ class _ReadoutLikelihood(torch.autograd.Function):
         ages = torch.arange(window, device=out.device, dtype=out.dtype)
         powers = lam**ages
         weights = torch.stack((powers, ages * powers / lam), 1)  # (L, 2): λ^age, d/dλ
-        same = history.unsqueeze(2) == history.unsqueeze(1)  # (R, L, L)
-        earlier = torch.ones(window, window, dtype=torch.bool, device=out.device).tril(-1)
-        keep = (history >= 0) & ~(same & earlier).any(2)  # distinct, most recent position
+        keep = distinct_history(history) != NO_ITEM  # each item at its most recent position
         # counts and their λ-slope at every history position (rows 0..L-1) and the target (L)
+        same = history.unsqueeze(2) == history.unsqueeze(1)  # (R, L, L)
         match = torch.cat((same, (history == targets.unsqueeze(1)).unsqueeze(1)), 1)
         counts = match.to(out.dtype) @ weights  # (R, L + 1, 2)
         f = torch.log1p(counts[..., 0])  # (R, L + 1)
