@@ -17,8 +17,8 @@ from recsys.model.gru4rec import GRU4Rec, gru_cell_from_gates, inverted_dropout
 from recsys.model.kernels import native_kernels
 from recsys.model.losses import bpr_max
 from recsys.model.optimizer import RowAdagradM
-from recsys.model.readout import GATE_INIT, NO_ITEM, RepeatReadout
-from recsys.training.readout_loss import SampledPartition, readout_loss
+from recsys.model.readout import GATE_INIT, NO_ITEM
+from recsys.training.readout_loss import SampledPartition, step_readout_loss
 from tests.conftest import skip_or_fail_in_ci
 from tests.helpers import deterministic_log, small_train_config
 
@@ -136,57 +136,55 @@ def test_native_dropout_draws_its_seed_from_torch(kernels: ModuleType) -> None:
     assert torch.equal(a, b) and not torch.equal(b, c)
 
 
-def _readout_step(rows: int, seed: int) -> tuple[tuple[torch.Tensor, ...], RepeatReadout]:
-    """The first ``rows`` of a readout's loss inputs for 7 slots: a short session, repeats, a
-    target in the history and others not, gates nearly closed and far open."""
+def _readout_step(seed: int, n_sample: int) -> tuple[GRU4Rec, tuple[torch.Tensor, ...]]:
+    """A readout network over 12 items and one step of 7 slots as the trainer hands it to the
+    head: out, scores over the in-batch targets and ``n_sample`` shared samples, the samples,
+    history and targets. A short session, repeats, a target in the history and others not,
+    gates nearly closed and far open."""
+    from recsys.config import ModelConfig
+
     gen = torch.Generator().manual_seed(seed)
+    model = GRU4Rec(12, ModelConfig(layers=[8], readout="repeat", repeat_window=6), seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     out = torch.randn(7, 8, generator=gen)
     out[4:] *= 40.0  # gates far open: x = g f on both sides of log(e^x - 1)'s switch at 20
-    out = out[:rows]
     history = torch.randint(0, 9, (7, 6), generator=gen)
     history[0, 2:] = NO_ITEM  # a short session
     history[1] = torch.tensor([4, 4, 2, 4, 7, 2])  # repeats
     targets = torch.randint(0, 12, (7,), generator=gen)
     targets[0] = history[0, 1]  # the target in the history
-    history, targets = history[:rows], targets[:rows]
-    samples = torch.randint(0, 12, (50,), generator=gen)
-    scores = torch.randn(7, 12, generator=gen)[:rows] * 3
-    readout = RepeatReadout(8, window=6)
-    with torch.no_grad():
-        for p in readout.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    step = (
-        out,
-        scores.gather(1, targets.unsqueeze(1)).squeeze(1),
-        (scores[:, samples], samples),
-        scores.gather(1, history.clamp_min(0)),
-        history,
-        targets,
-    )
-    return step, readout
+    samples = torch.randint(0, 12, (n_sample,), generator=gen)
+    columns = torch.cat((targets, samples))
+    scores = (out @ model.item_out[columns].t() + model.item_bias[columns]) * 0.2
+    return model, (out, scores.detach(), samples, history, targets)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 7])
+@pytest.mark.parametrize("rows", [[], [3], [1, 4, 5], list(range(7))])
+@pytest.mark.parametrize("n_sample", [50, 0])
 def test_readout_kernel_equals_the_torch_likelihood_and_gradient(
-    kernels: ModuleType, rows: int
+    kernels: ModuleType, rows: list[int], n_sample: int
 ) -> None:
+    """The compiled head (its gathers included) gives the torch path's loss and gradients, for
+    any subset of slots, with shared samples or (none drawn) the in-batch targets as negatives."""
     partition = SampledPartition(torch.arange(1.0, 13.0), 0.5, torch.device("cpu"))
     results = []
     for module in (kernels, None):
-        (out, target_scores, negatives, hist_scores, history, targets), readout = _readout_step(
-            rows, seed=5
-        )
-        loss = readout_loss(
-            readout, partition, out, target_scores, negatives, hist_scores, history, targets, module
-        )
+        model, (out, scores, samples, history, targets) = _readout_step(5, n_sample)
+        slots = torch.tensor(rows, dtype=torch.int64)
+        step = (model, partition, out, scores, samples, history, targets, slots)
+        loss = step_readout_loss(*step, kernels=module)
         (loss * 0.5).backward()
-        results.append((float(loss.detach()), {n: p.grad for n, p in readout.named_parameters()}))
+        assert model.readout is not None
+        grads = {n: p.grad for n, p in model.readout.named_parameters()}
+        results.append((float(loss.detach()), grads))
     (native, native_grads), (reference, reference_grads) = results
     assert native == pytest.approx(reference, rel=1e-5, abs=1e-6)
     for name, grad in reference_grads.items():
         assert grad is not None and native_grads[name] is not None, name
         assert torch.allclose(native_grads[name], grad, rtol=1e-4, atol=1e-6), name
-        assert rows == 0 or float(grad.abs().sum()) > 0, name
+        assert not rows or float(grad.abs().sum()) > 0, name
 
 
 @pytest.mark.parametrize(

@@ -112,7 +112,7 @@ def _load() -> ModuleType | str:
                     "gru_cell_backward",
                     "int4_upper",
                     "int4_vnni",
-                    "readout_nll",
+                    "readout_step_nll",
                 ],
                 # no FP traps: lets the compiler vectorise loops with selects (our exp, ELU)
                 extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],

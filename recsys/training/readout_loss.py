@@ -65,7 +65,11 @@ class SampledPartition:
     def weights(self, samples: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The draw's log importance weights, as (log pop^α per sample (n,), log P - log n):
         log Z ≈ logsumexp(s - shift) + offset."""
-        return self.shift.index_select(0, samples), self.log_total - math.log(len(samples))
+        return self.shift.index_select(0, samples), self.offset(len(samples))
+
+    def offset(self, n: int) -> float:
+        """log P - log n: the weights' common term for a draw of ``n``."""
+        return self.log_total - math.log(n)
 
 
 def readout_loss(
@@ -77,29 +81,20 @@ def readout_loss(
     history_scores: torch.Tensor,
     history: torch.Tensor,
     targets: torch.Tensor,
-    kernels: ModuleType | None = None,
 ) -> torch.Tensor:
     """Summed negative log-likelihood of the targets under (s + b) / τ, differentiable in the
     readout's parameters only (τ included). ``out`` (B, H), ``target_scores`` (B,), ``negatives`` (the
     (B, n) scores of n sampled items and the items) and ``history_scores`` (B, L, the catalogue
-    scores of ``history``) arrive detached. ``kernels`` (``recsys.model.kernels``): the same
-    arithmetic in one compiled pass, for float32 on a CPU."""
+    scores of ``history``) arrive detached."""
     shift, offset = partition.weights(negatives[1])
+    step = (out, target_scores, negatives[0], shift, offset, history_scores, history, targets)
     return _ReadoutLikelihood.apply(  # type: ignore[no-any-return]
-        out,
-        target_scores,
-        negatives[0],
-        shift,
-        offset,
-        history_scores,
-        history,
-        targets,
-        readout.gate_w,
-        readout.gate_b,
-        readout.decay_logit,
-        readout.log_temperature,
-        kernels if out.dtype == torch.float32 and out.device.type == "cpu" else None,
+        lambda *params: _likelihood(*step, *params), *_parameters(readout)
     )
+
+
+def _parameters(readout: RepeatReadout) -> tuple[torch.Tensor, ...]:
+    return readout.gate_w, readout.gate_b, readout.decay_logit, readout.log_temperature
 
 
 class _ReadoutLikelihood(torch.autograd.Function):
@@ -118,75 +113,72 @@ class _ReadoutLikelihood(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        out: torch.Tensor,
-        target_scores: torch.Tensor,
-        sample_scores: torch.Tensor,
-        shift: torch.Tensor,
-        offset: float,
-        history_scores: torch.Tensor,
-        history: torch.Tensor,
-        targets: torch.Tensor,
-        gate_w: torch.Tensor,
-        gate_b: torch.Tensor,
-        decay_logit: torch.Tensor,
-        log_temperature: torch.Tensor,
-        kernels: ModuleType | None,
-    ) -> torch.Tensor:
-        if kernels is not None:  # kernels_readout.cpp: the arithmetic below, one call
-            loss, *grads = kernels.readout_nll(
-                *(t.contiguous() for t in (out, target_scores, sample_scores, shift)),
-                offset,
-                *(t.contiguous() for t in (history_scores, history, targets)),
-                *(p.detach() for p in (gate_w, gate_b, decay_logit, log_temperature)),
-            )
-            ctx.save_for_backward(*grads)
-            return loss  # type: ignore[no-any-return]
-        a = torch.exp(-log_temperature)  # (1,)
-        pre = torch.addmv(gate_b, out, gate_w)  # (R,)
-        g, dg = F.softplus(pre), torch.sigmoid(pre)
-        lam = torch.sigmoid(decay_logit)
-        window = history.shape[1]
-        ages = torch.arange(window, device=out.device, dtype=out.dtype)
-        powers = lam**ages
-        weights = torch.stack((powers, ages * powers / lam), 1)  # (L, 2): λ^age, d/dλ
-        keep = distinct_history(history) != NO_ITEM  # each item at its most recent position
-        # counts and their λ-slope at every history position (rows 0..L-1) and the target (L)
-        same = history.unsqueeze(2) == history.unsqueeze(1)  # (R, L, L)
-        match = torch.cat((same, (history == targets.unsqueeze(1)).unsqueeze(1)), 1)
-        counts = match.to(out.dtype) @ weights  # (R, L + 1, 2)
-        f = torch.log1p(counts[..., 0])  # (R, L + 1)
-        f_slope = counts[..., 1] / (1.0 + counts[..., 0])
-        x = (g.unsqueeze(1) * f[:, :window]).clamp_min(1e-30)  # a · bonus, > 0
-        weighted = a * sample_scores - shift  # (R, n)
-        log_z = torch.logsumexp(weighted, 1, keepdim=True)
-        scaled = a * history_scores
-        log_terms = scaled + torch.where(x > 20.0, x + torch.log1p(-torch.exp(-x)), x.expm1().log())
-        log_terms = log_terms.masked_fill(~keep, float("-inf"))
-        log_d = torch.logsumexp(torch.cat((log_z + offset, log_terms), 1), 1, keepdim=True)
-        loss = log_d.squeeze(1) - a * target_scores - g * f[:, window]
-        p_z = torch.exp(log_z + offset - log_d).squeeze(1)  # (R,)
-        p = torch.exp(log_terms - log_d)  # (R, L)
-        pi = torch.exp(scaled + x - log_d).masked_fill(~keep, 0.0)
-        mean_q = (torch.softmax(weighted, 1) * sample_scores).sum(1)  # E_q[s] = ∂ log Z_a/∂a
-        d_a = p_z * mean_q + (p * history_scores).sum(1) - target_scores
-        f_t, slope_t = f[:, window], f_slope[:, window]
-        d_g = (pi * f[:, :window]).sum(1) - f_t
-        d_lam = g * ((pi * f_slope[:, :window]).sum(1) - slope_t)
-        d_pre = d_g * dg
-        ctx.save_for_backward(
-            out.t() @ d_pre,
-            d_pre.sum().reshape(1),
-            (d_lam.sum() * lam * (1.0 - lam)).reshape(1),
-            -(d_a.sum() * a).reshape(1),
-        )
-        return loss.sum()
+    def forward(ctx: Any, compute: Any, *params: torch.Tensor) -> torch.Tensor:
+        """``compute(gate_w, gate_b, decay_logit, log_temperature)`` (detached) -> (the summed
+        loss, its gradient in each): ``_likelihood``, or the compiled ``readout_step_nll``."""
+        loss, *grads = compute(*(p.detach() for p in params))
+        ctx.save_for_backward(*grads)
+        return loss  # type: ignore[no-any-return]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        d_w, d_b, d_decay, d_temp = ctx.saved_tensors
-        return (None,) * 8 + (grad * d_w, grad * d_b, grad * d_decay, grad * d_temp, None)
+        return (None, *(grad * g for g in ctx.saved_tensors))
+
+
+def _likelihood(
+    out: torch.Tensor,
+    target_scores: torch.Tensor,
+    sample_scores: torch.Tensor,
+    shift: torch.Tensor,
+    offset: float,
+    history_scores: torch.Tensor,
+    history: torch.Tensor,
+    targets: torch.Tensor,
+    gate_w: torch.Tensor,
+    gate_b: torch.Tensor,
+    decay_logit: torch.Tensor,
+    log_temperature: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """The likelihood and its gradient in torch ops (the arithmetic of kernels_readout.cpp)."""
+    a = torch.exp(-log_temperature)  # (1,)
+    pre = torch.addmv(gate_b, out, gate_w)  # (R,)
+    g, dg = F.softplus(pre), torch.sigmoid(pre)
+    lam = torch.sigmoid(decay_logit)
+    window = history.shape[1]
+    ages = torch.arange(window, device=out.device, dtype=out.dtype)
+    powers = lam**ages
+    weights = torch.stack((powers, ages * powers / lam), 1)  # (L, 2): λ^age, d/dλ
+    keep = distinct_history(history) != NO_ITEM  # each item at its most recent position
+    # counts and their λ-slope at every history position (rows 0..L-1) and the target (L)
+    same = history.unsqueeze(2) == history.unsqueeze(1)  # (R, L, L)
+    match = torch.cat((same, (history == targets.unsqueeze(1)).unsqueeze(1)), 1)
+    counts = match.to(out.dtype) @ weights  # (R, L + 1, 2)
+    f = torch.log1p(counts[..., 0])  # (R, L + 1)
+    f_slope = counts[..., 1] / (1.0 + counts[..., 0])
+    x = (g.unsqueeze(1) * f[:, :window]).clamp_min(1e-30)  # a · bonus, > 0
+    weighted = a * sample_scores - shift  # (R, n)
+    log_z = torch.logsumexp(weighted, 1, keepdim=True)
+    scaled = a * history_scores
+    log_terms = scaled + torch.where(x > 20.0, x + torch.log1p(-torch.exp(-x)), x.expm1().log())
+    log_terms = log_terms.masked_fill(~keep, float("-inf"))
+    log_d = torch.logsumexp(torch.cat((log_z + offset, log_terms), 1), 1, keepdim=True)
+    loss = log_d.squeeze(1) - a * target_scores - g * f[:, window]
+    p_z = torch.exp(log_z + offset - log_d).squeeze(1)  # (R,)
+    p = torch.exp(log_terms - log_d)  # (R, L)
+    pi = torch.exp(scaled + x - log_d).masked_fill(~keep, 0.0)
+    mean_q = (torch.softmax(weighted, 1) * sample_scores).sum(1)  # E_q[s] = ∂ log Z_a/∂a
+    d_a = p_z * mean_q + (p * history_scores).sum(1) - target_scores
+    f_t, slope_t = f[:, window], f_slope[:, window]
+    d_g = (pi * f[:, :window]).sum(1) - f_t
+    d_lam = g * ((pi * f_slope[:, :window]).sum(1) - slope_t)
+    d_pre = d_g * dg
+    return (
+        loss.sum(),
+        out.t() @ d_pre,
+        d_pre.sum().reshape(1),
+        (d_lam.sum() * lam * (1.0 - lam)).reshape(1),
+        -(d_a.sum() * a).reshape(1),
+    )
 
 
 def ranking_readout_loss(
@@ -229,32 +221,34 @@ def step_readout_loss(
     """The readout's loss in a training step, on the slots ``rows``: ``out`` (B, H) and
     ``scores`` (B, B + n) as the step computed them (they are detached here), ``history``
     (B, L), ``targets`` (B,). ``ranking``: the BPR-max head (for networks trained by a ranking
-    loss) instead of the likelihood; ``kernels``: the likelihood's compiled pass."""
+    loss) instead of the likelihood; ``kernels``: the likelihood, with the gathers below, in one
+    compiled pass for float32 on a CPU."""
     readout = model.readout
     assert readout is not None
     b = len(targets)
-    out, scores = out.detach().index_select(0, rows), scores.detach().index_select(0, rows)
+    out, scores = out.detach(), scores.detach()
+    # the samples, or with none the in-batch targets (clicks: the popularity sample itself)
+    neg_begin, neg_items = (b, samples) if len(samples) else (0, targets)
+    if kernels is not None and not ranking and out.dtype == torch.float32 and out.is_cpu:
+        step = (out.contiguous(), scores.contiguous(), rows, neg_begin, neg_items, partition.shift)
+        fixed = (partition.offset(len(neg_items)), history, targets)
+        tables = (model.item_out.detach(), model.item_bias.detach())
+        return _ReadoutLikelihood.apply(  # type: ignore[no-any-return]
+            lambda *params: kernels.readout_step_nll(*step, *fixed, *tables, *params),
+            *_parameters(readout),
+        )
+    out, scores = out.index_select(0, rows), scores.index_select(0, rows)
     history = history.index_select(0, rows)
     with torch.no_grad():
         items = history.clamp_min(0)  # (R, L)
         hist_scores = torch.einsum("rlh,rh->rl", model.item_out[items], out)
         hist_scores = hist_scores + model.item_bias[items]
-    # the samples, or with none the in-batch targets (clicks: the popularity sample itself)
-    negatives = (scores[:, b:], samples) if len(samples) else (scores[:, :b], targets)
     target_scores = scores[torch.arange(len(rows), device=rows.device), rows]
     if ranking:  # every column of the step: the in-batch targets and the shared samples
         columns = (scores, torch.cat((targets, samples)))
         return ranking_readout_loss(
             readout, out, target_scores, columns, hist_scores, history, targets[rows]
         )
-    return readout_loss(
-        readout,
-        partition,
-        out,
-        target_scores,
-        negatives,
-        hist_scores,
-        history,
-        targets[rows],
-        kernels,
-    )
+    negatives = (scores[:, neg_begin : neg_begin + len(neg_items)], neg_items)
+    step_rows = (out, target_scores, negatives, hist_scores, history, targets[rows])
+    return readout_loss(readout, partition, *step_rows)
