@@ -26,6 +26,7 @@ from recsys.core.errors import RecsysError
 BENCHMARKS = (
     "prepare",
     "train",
+    "train-readout",
     "train-load",
     "train-parallel",
     "evaluate",
@@ -55,6 +56,10 @@ def benchmark(name: str) -> Benchmark:
             from benchmarks.train import bench_train
 
             return bench_train
+        case "train-readout":
+            from benchmarks.train_readout import bench_train_readout
+
+            return bench_train_readout
         case "train-load":
             from benchmarks.train_load import bench_train_load
 

@@ -25,7 +25,7 @@ from recsys.config import (
     TrainConfig,
     load_config,
 )
-from recsys.data.batching import session_arrays
+from recsys.data.batching import SessionArrays, session_arrays
 from recsys.data.preparation import PreparedDataset, prepare_events
 from recsys.data.sources import read_events
 from recsys.data.synthetic import SyntheticConfig
@@ -111,6 +111,25 @@ def load_train() -> tuple[PreparedDataset, str]:
     ), "synthetic stand-in"
 
 
+def warm_trainer(
+    data: pl.DataFrame,
+    n_items: int,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    device: str = "cpu",
+) -> tuple[Trainer, SessionArrays]:
+    """A trainer after a 20-step warm-up run that also fills the negative-sample store (and, on
+    a GPU, loads the kernels), and the sessions it trains on."""
+    torch.manual_seed(0)
+    arrays = session_arrays(data)
+    where = resolve_device(device)
+    model = GRU4Rec(n_items, model_cfg, seed=0).to(where)
+    warm_up = train_cfg.model_copy(update={"max_steps": 20, "device": device})
+    trainer = Trainer(model, warm_up, item_support(data, n_items), where)
+    trainer.run_epoch(arrays, epoch=0)
+    return trainer, arrays
+
+
 def train_steps(
     data: pl.DataFrame,
     n_items: int,
@@ -119,17 +138,11 @@ def train_steps(
     steps: int,
     device: str = "cpu",
 ) -> tuple[dict[str, Any], GRU4Rec]:
-    """Events/s of ``steps`` steps of the real epoch loop, after a 20-step warm-up run that also
-    fills the negative-sample store (and, on a GPU, loads the kernels); also the model it
-    trained (on the CPU)."""
-    torch.manual_seed(0)
-    arrays = session_arrays(data)
-    where = resolve_device(device)
-    model = GRU4Rec(n_items, model_cfg, seed=0).to(where)
-    warm_up = train_cfg.model_copy(update={"max_steps": 20, "device": device})
-    trainer = Trainer(model, warm_up, item_support(data, n_items), where)
-    trainer.run_epoch(arrays, epoch=0)
-    trainer.config = warm_up.model_copy(update={"max_steps": steps})
+    """Events/s of ``steps`` steps of the real epoch loop after ``warm_trainer``'s warm-up; also
+    the model it trained (on the CPU)."""
+    trainer, arrays = warm_trainer(data, n_items, model_cfg, train_cfg, device)
+    model, where = trainer.model, trainer.device
+    trainer.config = trainer.config.model_copy(update={"max_steps": steps})
     if where.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     record = trainer.run_epoch(arrays, epoch=0)  # ends by reading the losses back: synchronised
