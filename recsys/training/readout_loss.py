@@ -28,6 +28,7 @@ negatives and, exactly and with their bonus, the slot's other history items.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -98,7 +99,8 @@ def _parameters(readout: RepeatReadout) -> tuple[torch.Tensor, ...]:
 
 
 class _ReadoutLikelihood(torch.autograd.Function):
-    """``readout_loss`` with its gradient written out, computed in the forward pass.
+    """The readout's likelihood as one autograd node: its gradient written out and computed in
+    the forward pass, by ``_likelihood`` (torch ops) or by the compiled ``readout_step_nll``.
 
     The head has four small parameters and reads ~a dozen (R, L) tensors per step, so autograd
     through the composition cost more than the network's own step on small settings (0.9 ms of
@@ -113,7 +115,9 @@ class _ReadoutLikelihood(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, compute: Any, *params: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, compute: Callable[..., Sequence[torch.Tensor]], *params: torch.Tensor
+    ) -> torch.Tensor:
         """``compute(gate_w, gate_b, decay_logit, log_temperature)`` (detached) -> (the summed
         loss, its gradient in each): ``_likelihood``, or the compiled ``readout_step_nll``."""
         loss, *grads = compute(*(p.detach() for p in params))
