@@ -71,12 +71,19 @@ std::vector<torch::Tensor> readout_step_nll(
   const int64_t* negs = neg_items.data_ptr<int64_t>();
   const int64_t* hist = history.data_ptr<int64_t>();
   const int64_t* tgt = targets.data_ptr<int64_t>();
-  for (int64_t r = 0; r < n_rows; ++r) TORCH_CHECK(row_at[r] >= 0 && row_at[r] < b, "readout_step_nll: a row outside the batch");
-  for (int64_t k = 0; k < n; ++k) TORCH_CHECK(negs[k] >= 0 && negs[k] < n_items, "readout_step_nll: a sampled item outside the catalogue");
+  // the indices, checked once before the pass reads through them
+  for (int64_t k = 0; k < n; ++k) {
+    TORCH_CHECK(negs[k] >= 0 && negs[k] < n_items,
+                "readout_step_nll: a sampled item outside the catalogue");
+  }
   for (int64_t r = 0; r < n_rows; ++r) {
+    TORCH_CHECK(row_at[r] >= 0 && row_at[r] < b, "readout_step_nll: a row outside the batch");
     const int64_t* hr = hist + row_at[r] * window;
-    TORCH_CHECK(tgt[row_at[r]] >= 0 && tgt[row_at[r]] < n_items, "readout_step_nll: a target outside the catalogue");
-    for (int64_t l = 0; l < window; ++l) TORCH_CHECK(hr[l] < n_items, "readout_step_nll: a history item outside the catalogue");
+    TORCH_CHECK(tgt[row_at[r]] >= 0 && tgt[row_at[r]] < n_items,
+                "readout_step_nll: a target outside the catalogue");
+    for (int64_t l = 0; l < window; ++l) {
+      TORCH_CHECK(hr[l] < n_items, "readout_step_nll: a history item outside the catalogue");
+    }
   }
 
   const float* x_out = out.data_ptr<float>();
