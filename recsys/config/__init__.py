@@ -366,11 +366,23 @@ def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Co
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
+        _override(node, leaf, value)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
         raise RecsysError(_format_validation_error(path, err)) from None
+
+
+def _override(node: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``node[key]``; a mapping merges into the mapping already there, key by key, so
+    ``{"train": {"seed": 1}}`` changes the seed and keeps the rest of ``train`` (replacing the
+    section would silently train with every other key at its default)."""
+    current = node.get(key)
+    if isinstance(value, dict) and isinstance(current, dict):
+        for k, v in value.items():
+            _override(current, k, v)
+    else:
+        node[key] = value
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
