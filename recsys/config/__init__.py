@@ -374,15 +374,13 @@ def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> Co
 
 
 def _override(node: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``node[key]``; a mapping merges into the mapping already there, key by key, so
-    ``{"train": {"seed": 1}}`` changes the seed and keeps the rest of ``train`` (replacing the
-    section would silently train with every other key at its default)."""
-    current = node.get(key)
-    if isinstance(value, dict) and isinstance(current, dict):
-        for k, v in value.items():
-            _override(current, k, v)
-    else:
+    """Set ``node[key]``; a mapping merges key by key (replacing ``train`` for a seed would
+    silently reset its other keys)."""
+    if not (isinstance(value, dict) and isinstance(node.get(key), dict)):
         node[key] = value
+        return
+    for k, v in value.items():
+        _override(node[key], k, v)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
